@@ -1,0 +1,190 @@
+"""Settings declared once as data, loaded from APPLIANCE_* variables or a config file."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidInput
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    default: Any
+    help: str
+    kind: type = str
+
+
+# Every setting the appliance reads. The README's configuration table lists each one
+# (tests/test_config.py keeps the two in step).
+SETTINGS: tuple[Setting, ...] = (
+    Setting("data_dir", "/var/lib/appliance", "Where the database, checkouts and logs live."),
+    Setting("config_file", "/etc/appliance/appliance.toml", "Optional TOML file of settings."),
+    Setting("service_user", "appliance", "Unprivileged account whose rootless Podman runs Spaces."),
+    Setting(
+        "podman_url",
+        "",
+        "Podman API socket; empty means unix:///run/user/<service uid>/podman/podman.sock.",
+    ),
+    Setting(
+        "podman_autostart",
+        True,
+        "Start `podman system service` for the service user when its socket is absent.",
+        bool,
+    ),
+    Setting("public_host", "127.0.0.1", "Host name put in each Space's `url`."),
+    Setting("router_host", "127.0.0.1", "Address the front router listens on for Space ports."),
+    Setting(
+        "drain_seconds", 10.0, "Longest wait for an old revision's connections on a switch.", float
+    ),
+    Setting("port_range", "17000-17999", "Host ports (on 127.0.0.1) handed out to Space apps."),
+    Setting(
+        "local_sources",
+        "",
+        "Colon-separated directories that local-path sources may come from; empty refuses them.",
+    ),
+    Setting("max_checkout_mb", 2048, "Largest checkout (working tree) accepted, in MiB.", int),
+    Setting("git_timeout", 600, "Seconds a git fetch may take.", int),
+    Setting("hf_endpoint", "https://huggingface.co", "Where hf://spaces/owner/name resolves."),
+    Setting("base_image", "", "Python base image; empty means the locally built appliance-python."),
+    Setting(
+        "build_ca_bundle",
+        "/etc/ssl/certs/ca-certificates.crt",
+        "CA bundle builds trust (corporate proxies); empty disables.",
+    ),
+    Setting("build_http_proxy", "", "HTTP_PROXY passed to builds (empty: none)."),
+    Setting("build_https_proxy", "", "HTTPS_PROXY passed to builds (empty: none)."),
+    Setting("build_no_proxy", "", "NO_PROXY passed to builds."),
+    Setting("pip_index_url", "", "PIP_INDEX_URL for builds (a local mirror); empty uses PyPI."),
+    Setting("pip_extra_index_url", "", "PIP_EXTRA_INDEX_URL for builds."),
+    Setting("build_timeout", 3600, "Seconds a build may take before it is stopped.", int),
+    Setting("space_cpus", 2.0, "CPU limit per Space, where the host can enforce limits.", float),
+    Setting("space_memory_mb", 16384, "Memory limit per Space in MiB, where enforceable.", int),
+    Setting("space_pids_limit", 4096, "Process limit per Space, where enforceable.", int),
+    Setting(
+        "startup_poll_interval", 0.25, "Seconds between readiness probes of a new app.", float
+    ),
+    Setting(
+        "startup_timeout_cap",
+        0,
+        "Upper bound in seconds on a Space's startup_duration_timeout (0: no cap).",
+        int,
+    ),
+    Setting("keep_images", 2, "Images kept per Space (current plus rollback targets).", int),
+)
+
+_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+def _coerce(setting: Setting, raw: Any) -> Any:
+    if setting.kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in {"1", "true", "yes", "on"}:
+            return True
+        if text in {"0", "false", "no", "off", ""}:
+            return False
+        raise InvalidInput(
+            f"Setting {setting.name} must be true or false, got {raw!r}",
+            hint=f"set APPLIANCE_{setting.name.upper()}=true or false",
+        )
+    try:
+        return setting.kind(raw)
+    except (TypeError, ValueError):
+        raise InvalidInput(
+            f"Setting {setting.name} must be {setting.kind.__name__}, got {raw!r}",
+            hint=f"fix APPLIANCE_{setting.name.upper()} or {setting.name} in the config file",
+        ) from None
+
+
+@dataclass(frozen=True)
+class Config:
+    values: dict[str, Any] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        values = object.__getattribute__(self, "values")
+        if name in values:
+            return values[name]
+        raise AttributeError(name)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_path / "appliance.db"
+
+    @property
+    def service_uid(self) -> int | None:
+        try:
+            return pwd.getpwnam(self.service_user).pw_uid
+        except KeyError:
+            return None
+
+    @property
+    def podman_socket_url(self) -> str:
+        if self.podman_url:
+            return self.podman_url
+        uid = self.service_uid if self.service_uid is not None else os.getuid()
+        return f"unix:///run/user/{uid}/podman/podman.sock"
+
+    @property
+    def port_bounds(self) -> tuple[int, int]:
+        try:
+            low, high = (int(p) for p in self.port_range.split("-", 1))
+        except ValueError:
+            raise InvalidInput(
+                f"Setting port_range must look like 17000-17999, got {self.port_range!r}",
+                hint="fix APPLIANCE_PORT_RANGE",
+            ) from None
+        if not 1024 < low <= high < 65536:
+            raise InvalidInput(
+                f"Setting port_range {self.port_range!r} is outside 1025-65535",
+                hint="fix APPLIANCE_PORT_RANGE",
+            )
+        return low, high
+
+    @property
+    def local_source_roots(self) -> list[Path]:
+        return [Path(p).resolve() for p in self.local_sources.split(":") if p.strip()]
+
+    def with_values(self, **overrides: Any) -> Config:
+        merged = dict(self.values)
+        for name, raw in overrides.items():
+            merged[name] = _coerce(_BY_NAME[name], raw)
+        return Config(merged)
+
+
+def load_config(environ: dict[str, str] | None = None, **overrides: Any) -> Config:
+    """Load settings: defaults, then the config file, then APPLIANCE_* variables, then overrides."""
+    environ = dict(os.environ if environ is None else environ)
+    values = {s.name: s.default for s in SETTINGS}
+    config_file = Path(environ.get("APPLIANCE_CONFIG_FILE", values["config_file"]))
+    if config_file.is_file():
+        try:
+            data = tomllib.loads(config_file.read_text())
+        except (tomllib.TOMLDecodeError, OSError) as exc:
+            raise InvalidInput(
+                f"Cannot read config file {config_file}: {exc}", hint="fix or remove the file"
+            ) from None
+        for name, raw in data.items():
+            if name not in _BY_NAME:
+                raise InvalidInput(
+                    f"Unknown setting {name!r} in {config_file}",
+                    hint="see the configuration table in the README",
+                )
+            values[name] = _coerce(_BY_NAME[name], raw)
+    for setting in SETTINGS:
+        key = f"APPLIANCE_{setting.name.upper()}"
+        if key in environ:
+            values[setting.name] = _coerce(setting, environ[key])
+    for name, raw in overrides.items():
+        values[name] = _coerce(_BY_NAME[name], raw)
+    return Config(values)

@@ -1,0 +1,408 @@
+"""Rootless Podman through podman-py (the only module importing podman): build, run, inspect."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import pwd
+import subprocess
+import tarfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import podman
+import podman.errors
+import requests
+
+from . import host
+from .errors import BuildFailed, InvalidInput, RuntimeUnavailable
+
+LABEL_SPACE = "appliance.space"
+LABEL_REVISION = "appliance.revision"
+LABEL_ROLE = "appliance.role"
+
+
+@dataclass(frozen=True)
+class ContainerState:
+    name: str
+    status: str  # created, running, exited, ...
+    exit_code: int | None
+    labels: dict[str, str]
+
+    @property
+    def running(self) -> bool:
+        return self.status == "running"
+
+
+def _api_error_text(exc: Exception) -> str:
+    explanation = getattr(exc, "explanation", None)
+    return str(explanation or exc).strip()
+
+
+class Runtime:
+    """The service account's Podman, reached over its API socket."""
+
+    def __init__(self, config):
+        self.config = config
+        self.url = config.podman_socket_url
+        self._client: podman.PodmanClient | None = None
+
+    # -- connection ----------------------------------------------------------------------
+
+    @property
+    def client(self) -> podman.PodmanClient:
+        if self._client is None:
+            self._client = self._connect()
+        return self._client
+
+    def _socket_path(self) -> Path | None:
+        return Path(self.url[len("unix://"):]) if self.url.startswith("unix://") else None
+
+    def _connect(self) -> podman.PodmanClient:
+        client = podman.PodmanClient(base_url=self.url, timeout=300)
+        try:
+            client.ping()
+            return client
+        except (podman.errors.APIError, requests.RequestException, OSError):
+            pass
+        if self.config.podman_autostart and self._start_service():
+            return client
+        raise RuntimeUnavailable(
+            f"Cannot reach Podman at {self.url}",
+            hint="run 'appliance doctor' for the fix (the Podman API service of the "
+            f"{self.config.service_user} account must be running)",
+        )
+
+    def _start_service(self) -> bool:
+        """Start `podman system service` as the service account; True once it answers."""
+        sock = self._socket_path()
+        try:
+            account = pwd.getpwnam(self.config.service_user)
+        except KeyError:
+            return False
+        if sock is None or os.geteuid() not in (0, account.pw_uid):
+            return False
+        runtime_dir = f"/run/user/{account.pw_uid}"
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": account.pw_dir,
+               "XDG_RUNTIME_DIR": runtime_dir}
+        command = ["podman", "system", "service", "--time=0", self.url]
+        if os.geteuid() == 0:
+            os.makedirs(runtime_dir, mode=0o700, exist_ok=True)
+            os.chown(runtime_dir, account.pw_uid, account.pw_gid)
+            command = ["runuser", "-u", account.pw_name, "--", "env",
+                       *(f"{k}={v}" for k, v in env.items()), *command]
+        try:
+            subprocess.Popen(command, env=env, cwd="/", stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+        except OSError:
+            return False
+        probe = podman.PodmanClient(base_url=self.url, timeout=5)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                probe.ping()
+                return True
+            except (podman.errors.APIError, requests.RequestException, OSError):
+                time.sleep(0.2)
+        return False
+
+    def info(self) -> dict[str, Any]:
+        """Describe the Podman behind the socket (version, storage, runtime, cgroups)."""
+        try:
+            data = self.client.info()
+        except (podman.errors.APIError, requests.RequestException) as exc:
+            raise RuntimeUnavailable(f"Podman at {self.url} failed: {exc}") from None
+        host_info = data.get("host", {})
+        return {
+            "version": data.get("version", {}).get("Version"),
+            "storage_driver": data.get("store", {}).get("graphDriverName"),
+            "runtime": host_info.get("ociRuntime", {}).get("name"),
+            "cgroup_version": host_info.get("cgroupVersion"),
+            "cgroup_manager": host_info.get("cgroupManager"),
+            "rootless": host_info.get("security", {}).get("rootless"),
+        }
+
+    def limits(self) -> tuple[bool, str]:
+        """Tell whether CPU/memory/pids limits can be enforced for this account's containers."""
+        try:
+            uid = pwd.getpwnam(self.config.service_user).pw_uid
+        except KeyError:
+            uid = None
+        return host.resource_limits_enforceable(uid)
+
+    # -- images --------------------------------------------------------------------------
+
+    def image_exists(self, name: str) -> bool:
+        try:
+            return self.client.images.exists(name)
+        except (podman.errors.APIError, requests.RequestException) as exc:
+            raise RuntimeUnavailable(f"Podman at {self.url} failed: {exc}") from None
+
+    def list_images(self, reference: str) -> list[str]:
+        """Return the tags matching a reference pattern (e.g. localhost/appliance-python)."""
+        tags: list[str] = []
+        for image in self.client.images.list(filters={"reference": reference}):
+            tags.extend(image.tags)
+        return sorted(set(tags))
+
+    def remove_image(self, name: str) -> None:
+        try:
+            self.client.images.remove(name, force=False)
+        except podman.errors.ImageNotFound:
+            pass
+        except podman.errors.APIError:
+            pass  # still used by a container, or by another tag: keep it
+
+    def load_image(self, tarball: Path) -> list[str]:
+        """Load a `podman save` / `docker save` archive; return the loaded names."""
+        try:
+            with open(tarball, "rb") as fh:
+                images = list(self.client.images.load(fh.read()))
+        except OSError as exc:
+            raise InvalidInput(f"Cannot read image archive {tarball}: {exc}") from None
+        except podman.errors.APIError as exc:
+            raise InvalidInput(
+                f"{tarball} is not an image archive Podman can load: {_api_error_text(exc)}",
+                hint="make it with 'podman save -o FILE IMAGE' on a machine that has the image",
+            ) from None
+        return [tag for image in images for tag in image.tags]
+
+    def build(
+        self,
+        context: dict[str, bytes | Path],
+        containerfile: str,
+        tag: str,
+        labels: dict[str, str],
+        buildargs: dict[str, str],
+        secrets: dict[str, bytes],
+        nocache: bool,
+        log: Callable[[str], None],
+        timeout: float,
+    ) -> str:
+        """Build an image from in-memory/on-disk context files; return the image id."""
+        body = _context_tar(context, secrets)
+        params = {
+            "dockerfile": containerfile, "t": tag, "rm": "true", "layers": "true",
+            "labels": json.dumps(labels), "buildargs": json.dumps(buildargs),
+            "nocache": "true" if nocache else "false",
+            "secrets": json.dumps(
+                [f"id={key},src=.appliance-secret-{index}" for index, key in
+                 enumerate(sorted(secrets))]
+            ),
+        }
+        lines: list[str] = []
+        image_id = None
+        deadline = time.monotonic() + timeout
+        try:
+            response = self.client.api.post(
+                "/build", params=params, data=body, stream=True,
+                headers={"Content-Type": "application/x-tar"},
+            )
+        except (podman.errors.APIError, requests.RequestException) as exc:
+            raise RuntimeUnavailable(f"Podman at {self.url} refused the build: {exc}") from None
+        failure = None
+        if response.status_code >= 400:
+            failure = _decode_error(response.text)
+        else:
+            for raw in response.iter_lines():
+                if time.monotonic() > deadline:
+                    response.close()
+                    failure = f"the build took longer than {int(timeout)} s"
+                    break
+                if not raw:
+                    continue
+                try:
+                    message = json.loads(raw)
+                except ValueError:
+                    continue
+                if message.get("error"):
+                    failure = message["error"].strip()
+                    log(failure)
+                    break
+                stream = message.get("stream", "")
+                for line in stream.splitlines():
+                    log(line)
+                    lines.append(line)
+                if re.fullmatch(r"[0-9a-f]{64}", stream.strip()):
+                    image_id = stream.strip()
+        if failure or not image_id:
+            raise BuildFailed(failure or "the build ended without producing an image")
+        return image_id
+
+    # -- containers ----------------------------------------------------------------------
+
+    def ensure_volume(self, name: str, labels: dict[str, str]) -> None:
+        try:
+            if not self.client.volumes.exists(name):
+                self.client.volumes.create(name, labels=labels)
+        except podman.errors.APIError as exc:
+            raise RuntimeUnavailable(f"Cannot create volume {name}: {_api_error_text(exc)}") from None
+
+    def remove_volume(self, name: str) -> None:
+        try:
+            self.client.volumes.remove(name, force=True)
+        except podman.errors.NotFound:
+            pass
+
+    def volume_exists(self, name: str) -> bool:
+        return self.client.volumes.exists(name)
+
+    def run(
+        self,
+        name: str,
+        image: str,
+        host_port: int,
+        container_port: int,
+        env: dict[str, str],
+        labels: dict[str, str],
+        volumes: dict[str, str],
+        enforce_limits: bool,
+        command: list[str] | None = None,
+    ) -> str:
+        """Create and start a hardened container publishing container_port on 127.0.0.1."""
+        self.remove_container(name)
+        kwargs: dict[str, Any] = dict(
+            image=image, name=name, detach=True, environment=env, labels=labels,
+            ports={f"{container_port}/tcp": ("127.0.0.1", host_port)},
+            volumes={vol: {"bind": dest, "mode": "rw", "extended_mode": ["U"]}
+                     for vol, dest in volumes.items()},
+            cap_drop=["ALL"], security_opt=["no-new-privileges"],
+        )
+        if command:
+            kwargs["command"] = command
+        if enforce_limits:
+            kwargs.update(
+                pids_limit=self.config.space_pids_limit,
+                mem_limit=f"{self.config.space_memory_mb}m",
+                nano_cpus=int(self.config.space_cpus * 1e9),
+            )
+        try:
+            container = self.client.containers.create(**kwargs)
+            container.start()
+        except podman.errors.ImageNotFound:
+            raise RuntimeUnavailable(f"Image {image} is gone from Podman's storage",
+                                     hint="rebuild with 'appliance spaces restart --factory'"
+                                     ) from None
+        except podman.errors.APIError as exc:
+            text = _api_error_text(exc)
+            self.remove_container(name)
+            if "address already in use" in text:
+                raise PortInUse(host_port) from None
+            raise RuntimeUnavailable(f"Podman could not start {name}: {text}") from None
+        return container.id
+
+    def state(self, name: str) -> ContainerState | None:
+        try:
+            container = self.client.containers.get(name)
+        except podman.errors.NotFound:
+            return None
+        except (podman.errors.APIError, requests.RequestException) as exc:
+            raise RuntimeUnavailable(f"Podman at {self.url} failed: {exc}") from None
+        attrs = container.attrs.get("State", {})
+        return ContainerState(
+            name=name, status=attrs.get("Status", container.status),
+            exit_code=attrs.get("ExitCode"), labels=container.labels or {},
+        )
+
+    def logs(self, name: str, tail: int | None = 200) -> str:
+        try:
+            container = self.client.containers.get(name)
+            chunks = container.logs(stdout=True, stderr=True, tail=tail or "all")
+            return b"".join(chunks).decode("utf-8", "replace")
+        except podman.errors.NotFound:
+            return ""
+
+    def follow_logs(self, name: str) -> Iterator[str]:
+        container = self.client.containers.get(name)
+        for chunk in container.logs(stdout=True, stderr=True, stream=True, follow=True):
+            yield chunk.decode("utf-8", "replace")
+
+    def stop(self, name: str, timeout: int = 10) -> None:
+        try:
+            self.client.containers.get(name).stop(timeout=timeout)
+        except podman.errors.NotFound:
+            pass
+        except podman.errors.APIError as exc:
+            if "not running" not in _api_error_text(exc) and "stopped" not in str(exc):
+                raise RuntimeUnavailable(f"Could not stop {name}: {_api_error_text(exc)}"
+                                         ) from None
+
+    def start(self, name: str) -> None:
+        try:
+            self.client.containers.get(name).start()
+        except podman.errors.APIError as exc:
+            raise RuntimeUnavailable(f"Could not start {name}: {_api_error_text(exc)}") from None
+
+    def remove_container(self, name: str) -> None:
+        try:
+            self.client.containers.get(name).remove(force=True)
+        except podman.errors.NotFound:
+            pass
+        except podman.errors.APIError as exc:
+            raise RuntimeUnavailable(f"Could not remove {name}: {_api_error_text(exc)}") from None
+
+    def containers(self, space_id: str | None = None) -> list[ContainerState]:
+        """List the appliance's containers (optionally one Space's), running or not."""
+        label = f"{LABEL_SPACE}={space_id}" if space_id else LABEL_SPACE
+        found = self.client.containers.list(all=True, filters={"label": [label]})
+        return [
+            ContainerState(name=c.name, status=c.status, exit_code=None, labels=c.labels or {})
+            for c in found
+        ]
+
+    def images_of(self, space_id: str) -> list[str]:
+        found = self.client.images.list(filters={"label": [f"{LABEL_SPACE}={space_id}"]})
+        return [tag for image in found for tag in image.tags]
+
+
+class PortInUse(RuntimeUnavailable):
+    def __init__(self, port: int):
+        super().__init__(f"Port {port} on 127.0.0.1 is already in use by another program",
+                         hint="the appliance picks another port; narrow APPLIANCE_PORT_RANGE to "
+                         "a range nothing else uses")
+        self.port = port
+
+
+def _decode_error(text: str) -> str:
+    try:
+        return json.loads(text).get("message", text)
+    except ValueError:
+        return text
+
+
+def _context_tar(context: dict[str, bytes | Path], secrets: dict[str, bytes]) -> bytes:
+    """Pack build context entries (relative name -> bytes or a directory/file) into a tar."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for arcname, content in context.items():
+            if isinstance(content, Path):
+                tar.add(content, arcname=arcname, filter=_skip_git)
+            else:
+                _add_bytes(tar, arcname, content)
+        # Podman moves each secret file out of the context before the build sees it.
+        for index, key in enumerate(sorted(secrets)):
+            _add_bytes(tar, f".appliance-secret-{index}", secrets[key], mode=0o600)
+    return buffer.getvalue()
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = mode
+    info.mtime = 0
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _skip_git(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+    parts = Path(info.name).parts
+    if ".git" in parts:
+        return None
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info

@@ -1,0 +1,479 @@
+"""The Spaces service: add, build, start, switch, update, roll back, stop and delete Spaces."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets as pysecrets
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from . import builds, router, sources, stages
+from .config import Config
+from .errors import (
+    ApplianceError,
+    BuildFailed,
+    Conflict,
+    InvalidInput,
+    ManifestError,
+    NotFound,
+    StartupFailed,
+)
+from .manifest import Manifest, load_manifest
+from .runtime import LABEL_REVISION, LABEL_ROLE, LABEL_SPACE, PortInUse, Runtime
+from .store import Store, open_store
+
+HF_CACHE_VOLUME = "appliance-hf-cache"
+_KEY = "[A-Za-z_][A-Za-z0-9_]{0,127}"
+_SERVING = {stages.RUNNING, stages.RUNNING_BUILDING, stages.RUNNING_APP_STARTING}
+
+
+@dataclass
+class Context:
+    """What every service call needs: settings, the database, Podman, and who is acting."""
+
+    config: Config
+    store: Store
+    runtime: Runtime
+    actor: str = "cli"
+    log_sink: list[str] = field(default_factory=list)
+
+
+def open_context(config: Config, actor: str = "cli") -> Context:
+    return Context(config, open_store(config.db_path), Runtime(config), actor)
+
+
+# -- reading ----------------------------------------------------------------------------------
+
+
+def describe(ctx: Context, space_id: str) -> dict[str, Any]:
+    """Return the public view of a Space (the `show --json` contract)."""
+    return _public(ctx.config, ctx.store.get_space(space_id))
+
+
+def list_spaces(ctx: Context) -> list[dict[str, Any]]:
+    return [_public(ctx.config, row) for row in ctx.store.list_spaces()]
+
+
+def _public(config: Config, row: dict[str, Any]) -> dict[str, Any]:
+    manifest = json.loads(row["manifest"]) if row["manifest"] else {}
+    return {
+        "id": row["id"],
+        "stage": row["stage"],
+        "sdk": row["sdk"],
+        "revision": row["revision"],
+        "url": f"http://{config.public_host}:{row['port']}/" if row["backend_port"] else None,
+        "error": row["error"],
+        "hardware": row["hardware"],
+        "title": row["title"] or row["id"].split("/")[1],
+        "emoji": manifest.get("emoji"),
+        "short_description": manifest.get("short_description"),
+        "source": row["source_display"],
+        "requested_revision": row["revision_request"],
+        "port": row["port"],
+        "desired": row["desired"],
+        "previous_revision": row["previous_revision"],
+        "warnings": json.loads(row["warnings"] or "[]"),
+        "manifest": manifest,
+        "created_at": row["created_at"],
+        "updated_at": row["updated_at"],
+    }
+
+
+# -- adding -----------------------------------------------------------------------------------
+
+
+def add_space(ctx: Context, source_text: str, name: str | None = None,
+              revision: str | None = None, hardware: str = "cpu") -> dict[str, Any]:
+    """Record a new Space in BUILDING after checking its source answers; the build follows."""
+    source = sources.parse_source(source_text, ctx.config)
+    space_id = sources.validate_space_id(name or source.default_id)
+    revision = sources.validate_revision(revision)
+    if hardware != "cpu":
+        raise InvalidInput(f"Hardware {hardware!r} is not available on this box",
+                           hint="use --hardware cpu (GPU hardware comes with the GPU allocator)")
+    if ctx.store.find_space(space_id):
+        raise Conflict(f"A Space named {space_id} already exists",
+                       hint=f"update it with 'appliance spaces update {space_id}', or pick "
+                       "another name with --name")
+    sources.remote_head(source, revision, ctx.config)  # bad URL or revision: refuse, record nothing
+    for _ in range(5):
+        port = allocate_port(ctx)
+        try:
+            ctx.store.insert_space({
+                "id": space_id, "source": source.url, "source_display": source.display,
+                "revision_request": revision, "stage": stages.BUILDING, "port": port,
+                "hardware": hardware, "desired": "running", "created_by": ctx.actor,
+            }, ctx.actor)
+            break
+        except Conflict as exc:
+            if "already exists" in exc.message:
+                raise
+    return describe(ctx, space_id)
+
+
+def allocate_port(ctx: Context, exclude: set[int] | None = None) -> int:
+    """Pick the lowest port in the range that no Space holds and nothing listens on."""
+    low, high = ctx.config.port_bounds
+    taken = ctx.store.used_ports() | (exclude or set())
+    for port in range(low, high + 1):
+        if port not in taken and _port_free(port):
+            return port
+    raise ApplianceError(f"No free port left in {ctx.config.port_range}",
+                         hint="widen APPLIANCE_PORT_RANGE or delete unused Spaces")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+# -- building and switching -------------------------------------------------------------------
+
+
+def _paths(ctx: Context, space_id: str) -> tuple[Path, Path]:
+    slug = builds.image_repository(space_id).split("/", 1)[1]
+    return ctx.config.data_path / "checkouts" / slug, ctx.config.data_path / "logs" / slug
+
+
+def deploy(ctx: Context, space_id: str, factory: bool = False) -> dict[str, Any]:
+    """Fetch, build and start the Space's requested revision, switching to it when it answers.
+
+    Runs in the worker (or in the CLI with --wait). Whatever fails, a revision that was
+    serving keeps serving, and the failure lands in the stage and `error`.
+    """
+    row = ctx.store.get_space(space_id)
+    serving = row["stage"] in _SERVING or bool(row["backend_port"] and row["container"])
+    checkouts, logs = _paths(ctx, space_id)
+    log_path = logs / f"build-{int(time.time() * 1000)}.log"
+    build_id = ctx.store.start_build(space_id, factory, log_path)
+    log = builds.BuildLog(log_path, list(ctx.store.kv("secrets", space_id).values()))
+    manifest: Manifest | None = None
+    try:
+        source = sources.parse_source(row["source"], ctx.config)
+        checkouts.mkdir(parents=True, exist_ok=True)
+        staging = checkouts / f".incoming-{pysecrets.token_hex(4)}"
+        log(f"==> Fetching {source.display} ({row['revision_request'] or 'default branch'})")
+        sha = sources.fetch(source, staging, row["revision_request"], ctx.config, log)
+        checkout = checkouts / sha
+        if checkout.exists():
+            shutil.rmtree(staging)
+        else:
+            os.replace(staging, checkout)
+        log(f"==> Revision {sha}")
+        manifest = load_manifest(checkout)
+        image, warnings = _build_images(ctx, space_id, sha, checkout, manifest, factory, log)
+        ctx.store.finish_build(build_id, "succeeded", revision=sha, image=image)
+    except ManifestError as exc:
+        log(f"==> {exc}")
+        ctx.store.finish_build(build_id, "failed", error=str(exc))
+        return _fail(ctx, space_id, exc.stage, str(exc), serving)
+    except (ApplianceError, OSError) as exc:
+        text = builds.explain_failure(str(exc), log.tail, manifest) \
+            if isinstance(exc, BuildFailed) else str(exc)
+        log(f"==> {text.splitlines()[0]}")
+        ctx.store.finish_build(build_id, "failed", error=log.redact(text))
+        return _fail(ctx, space_id, stages.BUILD_ERROR, log.redact(text), serving)
+    finally:
+        log.close()
+    ctx.store.update_space(
+        space_id, sdk=manifest.sdk, title=manifest.title, manifest=json.dumps(manifest.to_dict()),
+        warnings=json.dumps(list(manifest.warnings) + warnings),
+    )
+    return start_revision(ctx, space_id, sha, image, manifest)
+
+
+def _fail(ctx: Context, space_id: str, stage: str, message: str, serving: bool
+          ) -> dict[str, Any]:
+    row = ctx.store.get_space(space_id)
+    ctx.store.move(space_id, row["stage"], stage, ctx.actor, error=message[-4000:],
+                   detail={"error": message.splitlines()[0][:300], "serving": serving})
+    return describe(ctx, space_id)
+
+
+def _build_images(ctx: Context, space_id: str, sha: str, checkout: Path, manifest: Manifest,
+                  factory: bool, log) -> tuple[str, list[str]]:
+    config, runtime = ctx.config, ctx.runtime
+    warnings: list[str] = []
+    sdk_image = None
+    if manifest.sdk != "docker":
+        base_image = config.base_image
+        python = manifest.python_version
+        if not base_image:
+            available = [t.rsplit(":", 1)[1]
+                         for t in runtime.list_images(builds.BASE_REPOSITORY)]
+            python, warning = builds.choose_python(manifest.python_version, available)
+            base_image = f"{builds.BASE_REPOSITORY}:{python}"
+            if warning:
+                warnings.append(warning)
+                log(f"==> Warning: {warning}")
+        plan = builds.sdk_image_plan(manifest, python, base_image, config)
+        if factory or not runtime.image_exists(plan.tag):
+            log(f"==> Building the shared SDK layer {plan.tag}")
+            runtime.build(plan.context, plan.containerfile, plan.tag, plan.labels,
+                          plan.buildargs, plan.secrets, factory, log, config.build_timeout)
+        else:
+            log(f"==> Reusing the shared SDK layer {plan.tag}")
+        sdk_image = plan.tag
+    plan = builds.space_image_plan(
+        space_id, sha, checkout, manifest, sdk_image, ctx.store.kv("variables", space_id),
+        ctx.store.kv("secrets", space_id), config)
+    log(f"==> Building {plan.tag}")
+    runtime.build(plan.context, plan.containerfile, plan.tag, plan.labels, plan.buildargs,
+                  plan.secrets, factory, log, config.build_timeout)
+    return plan.tag, warnings
+
+
+def _container_env(ctx: Context, row: dict[str, Any], manifest: Manifest) -> dict[str, str]:
+    owner, name = row["id"].split("/", 1)
+    env = {
+        "SPACE_ID": row["id"], "SPACE_AUTHOR_NAME": owner, "SPACE_REPO_NAME": name,
+        "SPACE_TITLE": manifest.title or name,
+        "SPACE_HOST": f"{ctx.config.public_host}:{row['port']}",
+        "ACCELERATOR": row["hardware"], "CPU_CORES": str(_cpu_cores(ctx.config)),
+        "MEMORY": f"{ctx.config.space_memory_mb // 1024}Gi",
+    }
+    env.update(ctx.store.kv("variables", row["id"]))
+    env.update(ctx.store.kv("secrets", row["id"]))
+    return env
+
+
+def _cpu_cores(config: Config) -> int:
+    return max(1, min(os.cpu_count() or 1, int(config.space_cpus)))
+
+
+def data_volume(space_id: str) -> str:
+    return builds.image_repository(space_id).split("/", 1)[1] + "-data"
+
+
+def start_revision(ctx: Context, space_id: str, sha: str, image: str,
+                   manifest: Manifest) -> dict[str, Any]:
+    """Start image beside whatever serves, switch the route once it answers, retire the old."""
+    row = ctx.store.get_space(space_id)
+    old_container, old_backend = row["container"], row["backend_port"]
+    serving = bool(old_container and old_backend)
+    ctx.store.move(space_id, row["stage"],
+                   stages.RUNNING_APP_STARTING if serving else stages.APP_STARTING, ctx.actor,
+                   detail={"revision": sha})
+    enforce, reason = ctx.runtime.limits()
+    warnings = json.loads(ctx.store.get_space(space_id)["warnings"] or "[]")
+    if not enforce and not any(w.startswith("limits not enforceable") for w in warnings):
+        ctx.store.update_space(space_id, warnings=json.dumps(
+            warnings + [f"limits not enforceable on this host: {reason}"]))
+    ctx.runtime.ensure_volume(data_volume(space_id), {LABEL_SPACE: space_id})
+    ctx.runtime.ensure_volume(HF_CACHE_VOLUME, {LABEL_ROLE: "hf-cache"})
+    name = f"{image.split('/', 1)[1].split(':')[0]}-{sha[:12]}-{pysecrets.token_hex(2)}"
+    container_port = manifest.container_port
+    backend = None
+    try:
+        for _ in range(3):
+            backend = allocate_port(ctx, exclude={row["port"]})
+            try:
+                ctx.runtime.run(
+                    name, image, backend, container_port, _container_env(ctx, row, manifest),
+                    {LABEL_SPACE: space_id, LABEL_REVISION: sha, LABEL_ROLE: "app"},
+                    {data_volume(space_id): "/data"}, enforce)
+                break
+            except PortInUse:
+                continue
+        else:
+            raise ApplianceError("Could not find a free port to start the app on",
+                                 hint="narrow APPLIANCE_PORT_RANGE to ports nothing else uses")
+        _wait_ready(ctx, name, backend, manifest)
+    except ApplianceError as exc:
+        ctx.runtime.remove_container(name)
+        current = ctx.store.get_space(space_id)["stage"]
+        if serving:
+            message = (f"Revision {sha[:12]} did not start, so {row['revision'][:12]} keeps "
+                       f"serving: {exc}")
+            ctx.store.move(space_id, current, stages.RUNNING, ctx.actor, error=message,
+                           event="update-failed", detail={"revision": sha})
+        else:
+            ctx.store.move(space_id, current, stages.RUNTIME_ERROR, ctx.actor, error=str(exc),
+                           backend_port=None, container=None)
+        return describe(ctx, space_id)
+    previous = {}
+    if row["image"] and row["image"] != image:
+        previous = {"previous_revision": row["revision"], "previous_image": row["image"]}
+    ctx.store.move(space_id, ctx.store.get_space(space_id)["stage"], stages.RUNNING, ctx.actor,
+                   event="switched", detail={"revision": sha, "from": row["revision"]},
+                   error=None, revision=sha, image=image, container=name, backend_port=backend,
+                   desired="running", **previous)
+    router.wait_route(ctx.config, row["port"], backend)
+    if serving and old_container != name:
+        router.wait_drained(ctx.config, old_backend, ctx.config.drain_seconds)
+        ctx.runtime.remove_container(old_container)
+    _prune_images(ctx, space_id)
+    return describe(ctx, space_id)
+
+
+def _wait_ready(ctx: Context, name: str, port: int, manifest: Manifest) -> None:
+    timeout = manifest.startup_duration_timeout
+    if ctx.config.startup_timeout_cap:
+        timeout = min(timeout, ctx.config.startup_timeout_cap)
+    url = f"http://127.0.0.1:{port}{manifest.base_path}"
+    deadline = time.monotonic() + timeout
+    polls = 0
+    while time.monotonic() < deadline:
+        try:
+            response = requests.get(url, timeout=2, allow_redirects=False)
+            if response.status_code < 500:
+                return
+        except requests.RequestException:
+            pass
+        polls += 1
+        if polls % 4 == 0:
+            state = ctx.runtime.state(name)
+            if state is None or not state.running:
+                code = state.exit_code if state else "?"
+                raise StartupFailed(
+                    f"The app exited (code {code}) before answering on port "
+                    f"{manifest.container_port}\n--- last lines of the app log ---\n"
+                    f"{ctx.runtime.logs(name, tail=30).strip()}",
+                    hint="fix the app and update the Space")
+        time.sleep(ctx.config.startup_poll_interval)
+    raise StartupFailed(
+        f"The app did not answer on port {manifest.container_port} within {timeout} s "
+        f"(startup_duration_timeout)\n--- last lines of the app log ---\n"
+        f"{ctx.runtime.logs(name, tail=30).strip()}",
+        hint="make it listen on 0.0.0.0 at app_port, or raise startup_duration_timeout")
+
+
+def _prune_images(ctx: Context, space_id: str) -> None:
+    row = ctx.store.get_space(space_id)
+    keep = {row["image"], row["previous_image"]}
+    for tag in ctx.runtime.images_of(space_id):
+        if tag not in keep:
+            ctx.runtime.remove_image(tag)
+
+
+# -- lifecycle --------------------------------------------------------------------------------
+
+
+def request_update(ctx: Context, space_id: str, factory: bool = False,
+                   revision: str | None = None) -> tuple[bool, dict[str, Any]]:
+    """Decide whether an update is needed; move the stage so a worker builds. (needed, view)."""
+    row = ctx.store.get_space(space_id)
+    if row["stage"] in stages.BUSY:
+        raise Conflict(f"Space {space_id} is busy ({row['stage']})",
+                       hint=f"wait for it: 'appliance spaces logs {space_id} --build --follow'")
+    if revision is not None:
+        ctx.store.update_space(space_id, revision_request=sources.validate_revision(revision))
+        row = ctx.store.get_space(space_id)
+    source = sources.parse_source(row["source"], ctx.config)
+    head = sources.remote_head(source, row["revision_request"], ctx.config)
+    serving = bool(row["container"] and row["backend_port"])
+    if head == row["revision"] and serving and not factory and row["stage"] == stages.RUNNING:
+        return False, describe(ctx, space_id)
+    ctx.store.move(space_id, row["stage"],
+                   stages.RUNNING_BUILDING if serving else stages.BUILDING, ctx.actor,
+                   event="update", detail={"to": head, "factory": factory})
+    return True, describe(ctx, space_id)
+
+
+def restart(ctx: Context, space_id: str) -> dict[str, Any]:
+    """Start a fresh container of the current image beside the old one, then switch."""
+    row = ctx.store.get_space(space_id)
+    if row["stage"] in stages.BUSY:
+        raise Conflict(f"Space {space_id} is busy ({row['stage']})")
+    if not row["image"] or not ctx.runtime.image_exists(row["image"]):
+        raise Conflict(f"Space {space_id} has no built image to restart",
+                       hint=f"rebuild it with 'appliance spaces restart {space_id} --factory'")
+    return start_revision(ctx, space_id, row["revision"], row["image"], _manifest(row))
+
+
+def rollback(ctx: Context, space_id: str) -> dict[str, Any]:
+    """Serve the previous revision's kept image again (no rebuild)."""
+    row = ctx.store.get_space(space_id)
+    if row["stage"] in stages.BUSY:
+        raise Conflict(f"Space {space_id} is busy ({row['stage']})")
+    if not row["previous_image"] or not ctx.runtime.image_exists(row["previous_image"]):
+        raise NotFound(f"Space {space_id} has no earlier revision to roll back to",
+                       hint="a rollback needs an update that succeeded before")
+    checkout = _paths(ctx, space_id)[0] / row["previous_revision"]
+    manifest = load_manifest(checkout) if checkout.is_dir() else _manifest(row)
+    ctx.store.add_event(space_id, "rollback", ctx.actor, {"to": row["previous_revision"]})
+    return start_revision(ctx, space_id, row["previous_revision"], row["previous_image"],
+                          manifest)
+
+
+def _manifest(row: dict[str, Any]) -> Manifest:
+    from .manifest import parse_manifest
+
+    data = json.loads(row["manifest"] or "{}")
+    import yaml
+
+    return parse_manifest("---\n" + yaml.safe_dump(data) + "---\n")
+
+
+def stop(ctx: Context, space_id: str, pause: bool = False) -> dict[str, Any]:
+    """Stop (or pause: never woken by itself) a Space; its image and data stay."""
+    row = ctx.store.get_space(space_id)
+    target = stages.PAUSED if pause else stages.STOPPED
+    ctx.store.move(space_id, row["stage"], target, ctx.actor, backend_port=None,
+                   container=None, desired="paused" if pause else "stopped")
+    router.wait_route(ctx.config, row["port"], None, timeout=5)
+    for container in ctx.runtime.containers(space_id):
+        ctx.runtime.remove_container(container.name)
+    return describe(ctx, space_id)
+
+
+def start(ctx: Context, space_id: str) -> tuple[bool, dict[str, Any]]:
+    """Start a stopped Space from its image; (needs_build, view) when there is none."""
+    row = ctx.store.get_space(space_id)
+    if row["stage"] in _SERVING:
+        return False, describe(ctx, space_id)
+    if row["image"] and ctx.runtime.image_exists(row["image"]):
+        ctx.store.update_space(space_id, desired="running")
+        return False, start_revision(ctx, space_id, row["revision"], row["image"],
+                                     _manifest(row))
+    ctx.store.move(space_id, row["stage"], stages.BUILDING, ctx.actor, desired="running")
+    return True, describe(ctx, space_id)
+
+
+def delete(ctx: Context, space_id: str, keep_data: bool = False) -> None:
+    """Remove a Space: containers, images, checkouts, logs, rows (and /data unless kept)."""
+    row = ctx.store.get_space(space_id)
+    if row["stage"] != stages.DELETING:
+        ctx.store.move(space_id, row["stage"], stages.DELETING, ctx.actor, backend_port=None)
+    for container in ctx.runtime.containers(space_id):
+        ctx.runtime.remove_container(container.name)
+    for tag in ctx.runtime.images_of(space_id):
+        ctx.runtime.remove_image(tag)
+    if not keep_data:
+        ctx.runtime.remove_volume(data_volume(space_id))
+    for path in _paths(ctx, space_id):
+        shutil.rmtree(path, ignore_errors=True)
+    ctx.store.delete_space_rows(space_id, ctx.actor)
+
+
+# -- secrets and variables --------------------------------------------------------------------
+
+
+def set_value(ctx: Context, kind: str, space_id: str, key: str, value: str) -> None:
+    """Store a secret or variable (applied at the next start, build args for docker)."""
+    import re
+
+    if not re.fullmatch(_KEY, key):
+        raise InvalidInput(f"{kind[:-1].capitalize()} name {key!r} is not valid",
+                           hint="use letters, digits and _ (not starting with a digit)")
+    if key.startswith("SPACE_") or key in {"ACCELERATOR", "CPU_CORES", "MEMORY"}:
+        raise InvalidInput(f"{key} is set by the appliance itself and cannot be overridden")
+    if len(value.encode()) > 65536:
+        raise InvalidInput(f"The value of {key} is larger than 64 KiB")
+    ctx.store.set_kv(kind, space_id, key, value, ctx.actor)
+
+
+def build_log_path(ctx: Context, space_id: str) -> Path | None:
+    build = ctx.store.latest_build(space_id)
+    return Path(build["log_path"]) if build else None

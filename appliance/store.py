@@ -1,0 +1,313 @@
+"""SQLite state (the only module importing sqlite_utils): migrations, rows, compare-and-swap."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from . import stages
+from .errors import ApplianceError, Conflict, NotFound
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def _m001_initial(db: sqlite_utils.Database) -> None:
+    db["spaces"].create(
+        {
+            "id": str, "source": str, "source_display": str, "revision_request": str,
+            "stage": str, "error": str, "sdk": str, "title": str, "manifest": str,
+            "warnings": str, "hardware": str, "desired": str,
+            "revision": str, "image": str, "container": str, "backend_port": int,
+            "port": int, "previous_revision": str, "previous_image": str,
+            "created_at": str, "updated_at": str, "created_by": str,
+        },
+        pk="id",
+        not_null={"source", "stage", "port", "desired", "hardware"},
+        defaults={"hardware": "cpu", "desired": "running", "warnings": "[]"},
+    )
+    db["spaces"].create_index(["port"], unique=True)
+    db["builds"].create(
+        {
+            "id": int, "space_id": str, "revision": str, "image": str, "status": str,
+            "factory": int, "log_path": str, "error": str, "pid": int,
+            "started_at": str, "finished_at": str,
+        },
+        pk="id",
+        foreign_keys=[("space_id", "spaces", "id")],
+        not_null={"space_id", "status"},
+    )
+    db["builds"].create_index(["space_id"])
+    for table in ("secrets", "variables"):
+        db[table].create(
+            {"space_id": str, "key": str, "value": str, "updated_at": str},
+            pk=("space_id", "key"),
+            foreign_keys=[("space_id", "spaces", "id")],
+            not_null={"value"},
+        )
+    db["events"].create(
+        {"id": int, "at": str, "actor": str, "space_id": str, "kind": str, "detail": str},
+        pk="id",
+        not_null={"at", "kind"},
+    )
+    db["events"].create_index(["space_id", "id"])
+
+
+# Named migrations, applied in order and recorded in the migrations table. Never edit one
+# that has shipped; append a new one.
+MIGRATIONS: tuple[tuple[str, Callable[[sqlite_utils.Database], None]], ...] = (
+    ("001_initial", _m001_initial),
+)
+
+
+class Store:
+    """A handle on the appliance database; cheap to create, one per process or request."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        existed = self.path.exists()
+        conn = sqlite3.connect(str(self.path), timeout=30, isolation_level=None,
+                               check_same_thread=False)
+        if not existed:
+            os.chmod(self.path, 0o600)  # secrets live here
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA busy_timeout=30000")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        self.db = sqlite_utils.Database(conn)
+
+    def close(self) -> None:
+        self.db.conn.close()
+
+    # -- schema --------------------------------------------------------------------------
+
+    def migrate(self) -> list[str]:
+        """Apply pending named migrations; return the names applied."""
+        applied: list[str] = []
+        with self.transaction():
+            if "migrations" not in self.db.table_names():
+                self.db["migrations"].create({"name": str, "applied_at": str}, pk="name")
+            done = {row["name"] for row in self.db["migrations"].rows}
+            for name, step in MIGRATIONS:
+                if name not in done:
+                    step(self.db)
+                    self.db["migrations"].insert({"name": name, "applied_at": now()})
+                    applied.append(name)
+        return applied
+
+    def applied_migrations(self) -> list[str]:
+        if "migrations" not in self.db.table_names():
+            return []
+        return [r["name"] for r in self.db.query("select name from migrations order by name")]
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Run a block in one IMMEDIATE transaction (writers queue instead of failing)."""
+        conn = self.db.conn
+        if conn.in_transaction:
+            yield
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        else:
+            conn.execute("COMMIT")
+
+    def integrity_ok(self) -> bool:
+        return self.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+    # -- spaces --------------------------------------------------------------------------
+
+    def get_space(self, space_id: str) -> dict[str, Any]:
+        try:
+            return self.db["spaces"].get(space_id)
+        except sqlite_utils.db.NotFoundError:
+            raise NotFound(
+                f"No Space named {space_id}", hint="see 'appliance spaces list'"
+            ) from None
+
+    def find_space(self, space_id: str) -> dict[str, Any] | None:
+        rows = list(self.db.query("select * from spaces where id = ?", [space_id]))
+        return rows[0] if rows else None
+
+    def list_spaces(self) -> list[dict[str, Any]]:
+        return list(self.db.query("select * from spaces order by id"))
+
+    def insert_space(self, row: dict[str, Any], actor: str) -> None:
+        """Insert a new Space row plus its event; Conflict when the id or port is taken."""
+        with self.transaction():
+            try:
+                self.db["spaces"].insert({**row, "created_at": now(), "updated_at": now()})
+            except sqlite3.IntegrityError as exc:
+                if "spaces.id" in str(exc):
+                    raise Conflict(
+                        f"A Space named {row['id']} already exists",
+                        hint="choose another name with --name, or update it with "
+                        f"'appliance spaces update {row['id']}'",
+                    ) from None
+                raise Conflict(f"Could not record Space {row['id']}: {exc}") from None
+            self.add_event(row["id"], "created", actor, {"source": row.get("source_display")})
+
+    def used_ports(self) -> set[int]:
+        rows = self.db.query("select port, backend_port from spaces")
+        return {p for r in rows for p in (r["port"], r["backend_port"]) if p}
+
+    def routes(self) -> dict[int, int | None]:
+        """Map each Space's stable port to the host port of the container serving it."""
+        return {r["port"]: r["backend_port"] for r in self.db.query(
+            "select port, backend_port from spaces where stage != 'DELETING'")}
+
+    def move(
+        self,
+        space_id: str,
+        expected: str | set[str] | frozenset[str],
+        new: str,
+        actor: str,
+        event: str | None = None,
+        detail: dict[str, Any] | None = None,
+        **fields: Any,
+    ) -> dict[str, Any]:
+        """Compare-and-swap the stage (and other fields) and write an event, atomically."""
+        allowed = {expected} if isinstance(expected, str) else set(expected)
+        with self.transaction():
+            row = self.get_space(space_id)
+            if row["stage"] not in allowed:
+                raise Conflict(
+                    f"Space {space_id} is {row['stage']}, not {' or '.join(sorted(allowed))}",
+                    hint="another action changed it first; look again with "
+                    f"'appliance spaces show {space_id}'",
+                )
+            if row["stage"] != new:
+                stages.check_move(space_id, row["stage"], new)
+            values = {**fields, "stage": new, "updated_at": now()}
+            sets = ", ".join(f"[{k}] = ?" for k in values)
+            placeholders = ", ".join("?" for _ in allowed)
+            cursor = self.db.execute(
+                f"update spaces set {sets} where id = ? and stage in ({placeholders})",
+                [*values.values(), space_id, *sorted(allowed)],
+            )
+            if cursor.rowcount != 1:
+                raise Conflict(f"Space {space_id} changed while updating it; try again")
+            self.add_event(
+                space_id, event or f"stage:{new}", actor, {"from": row["stage"], **(detail or {})}
+            )
+        return self.get_space(space_id)
+
+    def update_space(self, space_id: str, actor: str | None = None, event: str | None = None,
+                     detail: dict[str, Any] | None = None, **fields: Any) -> None:
+        """Update fields that are not the stage (the stage only moves through move())."""
+        assert "stage" not in fields
+        with self.transaction():
+            self.db["spaces"].update(space_id, {**fields, "updated_at": now()})
+            if event:
+                self.add_event(space_id, event, actor or "system", detail or {})
+
+    def delete_space_rows(self, space_id: str, actor: str) -> None:
+        with self.transaction():
+            for table in ("secrets", "variables", "builds"):
+                self.db.execute(f"delete from {table} where space_id = ?", [space_id])
+            self.db.execute("delete from spaces where id = ?", [space_id])
+            self.add_event(space_id, "deleted", actor, {})
+
+    # -- builds --------------------------------------------------------------------------
+
+    def start_build(self, space_id: str, factory: bool, log_path: Path) -> int:
+        with self.transaction():
+            table = self.db["builds"].insert({
+                "space_id": space_id, "status": "running", "factory": int(factory),
+                "log_path": str(log_path), "pid": os.getpid(), "started_at": now(),
+            })
+            return table.last_pk
+
+    def finish_build(self, build_id: int, status: str, **fields: Any) -> None:
+        self.db["builds"].update(build_id, {**fields, "status": status, "finished_at": now()})
+
+    def latest_build(self, space_id: str) -> dict[str, Any] | None:
+        rows = list(self.db.query(
+            "select * from builds where space_id = ? order by id desc limit 1", [space_id]))
+        return rows[0] if rows else None
+
+    # -- secrets, variables ----------------------------------------------------------------
+
+    def set_kv(self, table: str, space_id: str, key: str, value: str, actor: str) -> None:
+        self.get_space(space_id)
+        with self.transaction():
+            self.db[table].upsert(
+                {"space_id": space_id, "key": key, "value": value, "updated_at": now()},
+                pk=("space_id", "key"),
+            )
+            # The event names the key only: values (secret ones above all) never reach events.
+            self.add_event(space_id, f"{table[:-1]}:set", actor, {"key": key})
+
+    def delete_kv(self, table: str, space_id: str, key: str, actor: str) -> None:
+        with self.transaction():
+            cursor = self.db.execute(
+                f"delete from {table} where space_id = ? and key = ?", [space_id, key])
+            if cursor.rowcount == 0:
+                raise NotFound(f"Space {space_id} has no {table[:-1]} named {key}")
+            self.add_event(space_id, f"{table[:-1]}:deleted", actor, {"key": key})
+
+    def kv(self, table: str, space_id: str) -> dict[str, str]:
+        rows = self.db.query(
+            f"select key, value from {table} where space_id = ? order by key", [space_id])
+        return {r["key"]: r["value"] for r in rows}
+
+    def kv_meta(self, table: str, space_id: str) -> list[dict[str, str]]:
+        return list(self.db.query(
+            f"select key, updated_at from {table} where space_id = ? order by key", [space_id]))
+
+    # -- events --------------------------------------------------------------------------
+
+    def add_event(self, space_id: str | None, kind: str, actor: str,
+                  detail: dict[str, Any]) -> None:
+        self.db["events"].insert({
+            "at": now(), "actor": actor, "space_id": space_id, "kind": kind,
+            "detail": json.dumps(detail, sort_keys=True),
+        })
+
+    def events(self, space_id: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        if space_id:
+            rows = self.db.query(
+                "select * from events where space_id = ? order by id desc limit ?",
+                [space_id, limit])
+        else:
+            rows = self.db.query("select * from events order by id desc limit ?", [limit])
+        return [{**r, "detail": json.loads(r["detail"] or "{}")} for r in rows]
+
+
+def open_store(path: Path, retries: int = 3) -> Store:
+    """Open the database and apply migrations; translate sqlite failures for the user."""
+    for attempt in range(retries):
+        try:
+            store = Store(path)
+            store.migrate()
+            return store
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) and attempt + 1 < retries:
+                time.sleep(0.5)
+                continue
+            raise ApplianceError(
+                f"Cannot open the database {path}: {exc}",
+                hint="check the data directory's permissions and free space "
+                "('appliance doctor')",
+            ) from None
+        except sqlite3.DatabaseError as exc:
+            raise ApplianceError(
+                f"The database {path} is damaged: {exc}",
+                hint="restore the latest backup from the data directory's backups/ folder",
+            ) from None
+    raise AssertionError("unreachable")

@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# Prepare this host for the appliance (idempotent): packages, the service account, rootless
+# Podman for it, its API socket, a virtualenv with the appliance, and the Python base image.
+# Sourced by scripts/run.sh and scripts/test.sh; run it alone to (re)provision a box.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+SERVICE_USER="${APPLIANCE_SERVICE_USER:-appliance}"
+DATA_DIR="${APPLIANCE_DATA_DIR:-/var/lib/appliance}"
+PREFIX="${APPLIANCE_PREFIX:-/opt/appliance}"
+CACHE_DIR="${APPLIANCE_CACHE_DIR:-/var/cache/appliance}"
+BASE_IMAGE="localhost/appliance-python:3.11"
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
+
+if [ "$(id -u)" -ne 0 ]; then
+  exec sudo -E bash "$0" "$@"
+fi
+
+install_packages() {
+  local pkgs=(podman uidmap slirp4netns fuse-overlayfs runc debootstrap python3 python3-venv
+              git ca-certificates iproute2 util-linux procps)
+  local missing=()
+  for p in "${pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if [ "${#missing[@]}" -gt 0 ]; then
+    say "Installing system packages: ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+}
+
+ensure_service_user() {
+  if ! id "$SERVICE_USER" >/dev/null 2>&1; then
+    say "Creating service account $SERVICE_USER (home $DATA_DIR)"
+    useradd --system --create-home --home-dir "$DATA_DIR" --shell /usr/sbin/nologin "$SERVICE_USER"
+  fi
+  install -d -m 750 -o "$SERVICE_USER" -g "$SERVICE_USER" "$DATA_DIR"
+  # Rootless Podman maps container uids into these ranges; useradd --system adds none.
+  local uid; uid="$(id -u "$SERVICE_USER")"
+  for f in /etc/subuid /etc/subgid; do
+    touch "$f"
+    if ! grep -qE "^($SERVICE_USER|$uid):" "$f"; then
+      local start=100000
+      while grep -qE ":$start:" "$f"; do start=$((start + 65536)); done
+      echo "$SERVICE_USER:$start:65536" >> "$f"
+      say "Added $SERVICE_USER:$start:65536 to $f"
+    fi
+  done
+}
+
+configure_podman() {
+  local uid home; uid="$(id -u "$SERVICE_USER")"; home="$(getent passwd "$SERVICE_USER" | cut -d: -f6)"
+  # Rootless networking opens /dev/net/tun; some VMs ship it 0600 (real hosts use 0666).
+  if [ -e /dev/net/tun ] && [ "$(stat -c %a /dev/net/tun)" != "666" ]; then
+    chmod 666 /dev/net/tun
+  fi
+  install -d -m 700 -o "$SERVICE_USER" -g "$SERVICE_USER" "/run/user/$uid"
+  install -d -m 755 -o "$SERVICE_USER" -g "$SERVICE_USER" "$home/.config" "$home/.config/containers"
+  local manager=systemd runtime=crun
+  # crun refuses hybrid cgroups, and without systemd as PID 1 there is no user manager.
+  if [ ! -f /sys/fs/cgroup/cgroup.controllers ] || [ -d /sys/fs/cgroup/unified ] \
+     || [ "$(cat /proc/1/comm 2>/dev/null)" != "systemd" ]; then
+    manager=cgroupfs runtime=runc
+  fi
+  cat > "$home/.config/containers/containers.conf.new" <<EOF
+# Written by appliance scripts/setup.sh
+[engine]
+runtime = "$runtime"
+cgroup_manager = "$manager"
+events_logger = "file"
+EOF
+  cat > "$home/.config/containers/storage.conf.new" <<EOF
+# Written by appliance scripts/setup.sh: native rootless overlay, not vfs.
+[storage]
+driver = "overlay"
+EOF
+  for f in containers.conf storage.conf; do
+    if ! cmp -s "$home/.config/containers/$f.new" "$home/.config/containers/$f"; then
+      mv "$home/.config/containers/$f.new" "$home/.config/containers/$f"
+    else
+      rm -f "$home/.config/containers/$f.new"
+    fi
+  done
+  chown -R "$SERVICE_USER:$SERVICE_USER" "$home/.config"
+  if [ "$(cat /proc/1/comm 2>/dev/null)" = "systemd" ] && command -v loginctl >/dev/null; then
+    loginctl enable-linger "$SERVICE_USER" || true
+  fi
+}
+
+as_service() {
+  local uid; uid="$(id -u "$SERVICE_USER")"
+  (cd / && runuser -u "$SERVICE_USER" -- env HOME="$(getent passwd "$SERVICE_USER" | cut -d: -f6)" \
+    XDG_RUNTIME_DIR="/run/user/$uid" "$@")
+}
+
+start_podman_service() {
+  local uid sock; uid="$(id -u "$SERVICE_USER")"; sock="/run/user/$uid/podman/podman.sock"
+  if as_service podman --remote --url "unix://$sock" version >/dev/null 2>&1; then
+    return
+  fi
+  say "Starting the Podman API service for $SERVICE_USER at unix://$sock"
+  as_service podman system migrate >/dev/null 2>&1 || true
+  install -d -m 700 -o "$SERVICE_USER" -g "$SERVICE_USER" "/run/user/$uid/podman"
+  as_service setsid nohup podman system service --time=0 "unix://$sock" \
+    >"/run/user/$uid/podman/service.log" 2>&1 < /dev/null &
+  for _ in $(seq 1 50); do
+    as_service podman --remote --url "unix://$sock" version >/dev/null 2>&1 && return
+    sleep 0.2
+  done
+  echo "Podman API service did not come up; see /run/user/$uid/podman/service.log" >&2
+  exit 1
+}
+
+install_venv() {
+  # The service account must be able to run the venv: build it from Debian's python3, not
+  # root's pyenv, and install the package (not editable) so it does not live under /root.
+  install -d -m 755 "$PREFIX" "$PREFIX/share"
+  if [ ! -x "$PREFIX/venv/bin/python" ]; then
+    say "Creating $PREFIX/venv"
+    /usr/bin/python3 -m venv "$PREFIX/venv"
+  fi
+  local stamp="$PREFIX/venv/.appliance-src"
+  local digest; digest="$(cd "$REPO" && cat pyproject.toml $(find appliance -name '*.py' | sort) | sha256sum | cut -c1-16)"
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$digest" ]; then
+    say "Installing the appliance into $PREFIX/venv"
+    local tmp; tmp="$(mktemp -d)"
+    cp -r "$REPO/pyproject.toml" "$REPO/README.md" "$REPO/appliance" "$tmp/"
+    "$PREFIX/venv/bin/pip" install -q --upgrade "$tmp" >/dev/null
+    rm -rf "$tmp"
+    echo "$digest" > "$stamp"
+  fi
+  ln -sf "$PREFIX/venv/bin/appliance" /usr/local/bin/appliance
+  rm -rf "$PREFIX/share/examples"
+  cp -r "$REPO/examples" "$PREFIX/share/examples"
+  chmod -R a+rX "$PREFIX/share"
+}
+
+build_base_image() {
+  if as_service podman image exists "$BASE_IMAGE" 2>/dev/null; then
+    return
+  fi
+  bash "$REPO/images/python/build.sh" "$CACHE_DIR" "$SERVICE_USER" "$BASE_IMAGE"
+}
+
+install_packages
+ensure_service_user
+configure_podman
+start_podman_service
+install_venv
+build_base_image
+say "Host ready: service account $SERVICE_USER, Podman API unix:///run/user/$(id -u "$SERVICE_USER")/podman/podman.sock"

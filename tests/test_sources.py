@@ -1,0 +1,670 @@
+"""Source parsing and fetching, against real git repositories made in tmp_path."""
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from appliance import sources
+from appliance.config import load_config
+from appliance.errors import InvalidInput, SourceError
+from appliance.sources import (
+    Source,
+    fetch,
+    parse_source,
+    remote_head,
+    validate_revision,
+    validate_space_id,
+)
+
+LFS_POINTER = (
+    "version https://git-lfs.github.com/spec/v1\n"
+    "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\n"
+    "size 12345\n"
+)
+
+
+def git(repo: Path, *args: str) -> str:
+    done = subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo), *args],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return done.stdout.strip()
+
+
+def commit(repo: Path, files: dict[str, str | bytes], message: str = "change") -> str:
+    for name, content in files.items():
+        path = repo / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", message)
+    return git(repo, "rev-parse", "HEAD")
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    return load_config({}, local_sources=str(tmp_path), data_dir=str(tmp_path / "data"))
+
+
+@pytest.fixture
+def repo(tmp_path):
+    """A repository with main (two commits, tag v1 on the first) and a branch 'dev'."""
+    path = tmp_path / "remote" / "my-space"
+    path.mkdir(parents=True)
+    git(path, "init", "-q", "-b", "main")
+    first = commit(path, {"app.py": "print('one')\n", "README.md": "# one\n"}, "one")
+    git(path, "tag", "-a", "v1", "-m", "release one")
+    git(path, "tag", "light", first)
+    git(path, "branch", "dev")
+    git(path, "checkout", "-q", "dev")
+    commit(path, {"app.py": "print('dev')\n"}, "dev work")
+    git(path, "checkout", "-q", "main")
+    commit(path, {"app.py": "print('two')\n"}, "two")
+    return path
+
+
+def sha_of(repo: Path, rev: str) -> str:
+    return git(repo, "rev-parse", f"{rev}^{{commit}}")
+
+
+# parse_source: accepted forms
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "hf://spaces/alice/demo",
+        "hf://spaces/alice/demo/",
+        "hf://spaces/alice/demo.git",
+        "hf://spaces/alice/demo/tree/main",
+        "https://huggingface.co/spaces/alice/demo",
+        "https://huggingface.co/spaces/alice/demo/",
+        "https://huggingface.co/spaces/alice/demo.git",
+        "https://huggingface.co/spaces/alice/demo/tree/main",
+        "  https://hf.co/spaces/alice/demo  ",
+    ],
+)
+def test_parse_hf_forms_resolve_to_the_configured_endpoint(text, cfg):
+    source = parse_source(text, cfg)
+    assert source == Source(
+        "git", "https://huggingface.co/spaces/alice/demo", source.display, "alice/demo"
+    )
+    assert source.display.endswith("spaces/alice/demo")
+
+
+def test_parse_hf_uses_a_mirror_endpoint(cfg):
+    mirror = cfg.with_values(hf_endpoint="http://mirror.lan:8080/")
+    source = parse_source("hf://spaces/alice/demo", mirror)
+    assert source.url == "http://mirror.lan:8080/spaces/alice/demo"
+    assert source.display == "hf://spaces/alice/demo"
+
+
+def test_parse_hf_url_keeps_token_for_git_but_not_for_display(cfg):
+    source = parse_source("https://alice:hf_secret123@huggingface.co/spaces/alice/demo", cfg)
+    assert source.url == "https://alice:hf_secret123@huggingface.co/spaces/alice/demo"
+    assert source.display == "https://huggingface.co/spaces/alice/demo"
+    assert "secret" not in source.display
+
+
+@pytest.mark.parametrize(
+    ("text", "url", "display", "default_id"),
+    [
+        (
+            "https://github.com/owner/name.git",
+            "https://github.com/owner/name.git",
+            "https://github.com/owner/name.git",
+            "owner/name",
+        ),
+        (
+            "HTTPS://github.com/owner/name",
+            "https://github.com/owner/name",
+            "https://github.com/owner/name",
+            "owner/name",
+        ),
+        (
+            "http://git.lan:3000/group/sub/name/",
+            "http://git.lan:3000/group/sub/name/",
+            "http://git.lan:3000/group/sub/name/",
+            "sub/name",
+        ),
+        (
+            "https://user:p%40ss@git.example.com/team/app.git",
+            "https://user:p%40ss@git.example.com/team/app.git",
+            "https://git.example.com/team/app.git",
+            "team/app",
+        ),
+        (
+            "https://ghp_token123@github.com/o/n",
+            "https://ghp_token123@github.com/o/n",
+            "https://github.com/o/n",
+            "o/n",
+        ),
+        (
+            "https://git.lan/solo.git",
+            "https://git.lan/solo.git",
+            "https://git.lan/solo.git",
+            "git.lan/solo",
+        ),
+        (
+            "ssh://git@git.lan:2222/owner/name.git",
+            "ssh://git@git.lan:2222/owner/name.git",
+            "ssh://git@git.lan:2222/owner/name.git",
+            "owner/name",
+        ),
+        (
+            "ssh://git:pw@git.lan/owner/name",
+            "ssh://git:pw@git.lan/owner/name",
+            "ssh://git@git.lan/owner/name",
+            "owner/name",
+        ),
+        (
+            "git://git.lan/owner/name",
+            "git://git.lan/owner/name",
+            "git://git.lan/owner/name",
+            "owner/name",
+        ),
+        (
+            "git@github.com:owner/name.git",
+            "git@github.com:owner/name.git",
+            "git@github.com:owner/name.git",
+            "owner/name",
+        ),
+        ("git.lan:name", "git.lan:name", "git.lan:name", "git.lan/name"),
+        ("https://[::1]:8443/o/n", "https://[::1]:8443/o/n", "https://[::1]:8443/o/n", "o/n"),
+    ],
+)
+def test_parse_git_urls(text, url, display, default_id, cfg):
+    assert parse_source(text, cfg) == Source("git", url, display, default_id)
+
+
+def test_parse_local_absolute_path(repo, cfg):
+    source = parse_source(str(repo), cfg)
+    assert source == Source("local", str(repo), str(repo), "local/my-space")
+
+
+def test_parse_local_relative_home_and_file_url_forms(repo, cfg, monkeypatch):
+    monkeypatch.chdir(repo.parent)
+    monkeypatch.setenv("HOME", str(repo.parent))
+    for text in ["./my-space", "../my-space", "~/my-space", f"file://{repo}"]:
+        if text.startswith("../"):
+            monkeypatch.chdir(repo)
+        assert parse_source(text, cfg).url == str(repo), text
+
+
+def test_parse_local_bare_repository_and_sanitised_id(tmp_path, cfg):
+    bare = tmp_path / "My Space!.git"
+    subprocess.run(["git", "init", "-q", "--bare", str(bare)], check=True)
+    source = parse_source(str(bare), cfg)
+    assert source.url == str(bare)
+    assert source.default_id == "local/My-Space-"
+    validate_space_id(source.default_id)
+
+
+# parse_source: refused forms
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "A Space source is required"),
+        ("   ", "A Space source is required"),
+        ("ext::sh -c touch% /tmp/pwned", "Remote-helper sources (ext::...) are refused"),
+        ("fd::3", "Remote-helper sources (fd::...) are refused"),
+        ("foo+bar::https://x/y", "Remote-helper sources (foo+bar::...) are refused"),
+        ("--upload-pack=touch /tmp/x", "starts with '-', which git would read as an option"),
+        ("-oProxyCommand=x", "starts with '-'"),
+        ("ftp://host/owner/name", "Unsupported URL scheme ftp://"),
+        ("git+ssh://host/owner/name", "Unsupported URL scheme git+ssh://"),
+        ("javascript:alert(1)", "Unsupported URL scheme javascript:"),
+        ("data:text/plain,hello", "Unsupported URL scheme data:"),
+        ("https://host/own er/name", "contains whitespace"),
+        ("https://host/owner/name\n", None),  # stripped: accepted
+        ("https://host/owner\n/name", "contains control characters"),
+        ("https://host/owner/\x00name", "contains control characters"),
+        ("git@host.lan:owner name", "contains whitespace"),
+        ("https://host/owner/name?x=1", "has a ?query or #fragment"),
+        ("https://host/owner/name#frag", "has a ?query or #fragment"),
+        ("https://-bad.host/o/n", "has no valid host name"),
+        ("https:///o/n", "has no valid host name"),
+        ("https://host:99999/o/n", "Malformed URL"),
+        ("ssh://-oProxyCommand=touch%20x/o/n", "has no valid host name"),
+        ("ssh://-x@host/o/n", "has an invalid user name"),
+        ("https://host", "names no repository"),
+        ("git@host.lan:-oProxyCommand", "Not a Space source"),
+        ("hf://models/alice/demo", "Not a Hugging Face Space"),
+        ("hf://spaces/alice", "Not a Hugging Face Space"),
+        ("hf://spaces/al..ice/demo", "Not a Hugging Face Space"),
+        ("hf://spaces/alice/demo/tree/dev", "Not a Hugging Face Space"),
+        ("https://huggingface.co/alice/model", "is a Hugging Face model or dataset, not a Space"),
+        ("owner/name", "Not a Space source"),
+    ],
+)
+def test_parse_refuses_with_a_clear_message(text, message, cfg):
+    if message is None:
+        assert parse_source(text, cfg).url == text.strip()
+        return
+    with pytest.raises(SourceError) as caught:
+        parse_source(text, cfg)
+    assert message in caught.value.message
+    assert caught.value.hint
+
+
+def test_parse_refusal_does_not_echo_credentials(cfg):
+    with pytest.raises(SourceError) as caught:
+        parse_source("https://user:s3cret@host/own er/name", cfg)
+    assert "s3cret" not in str(caught.value)
+    assert "https://host/own er/name" in caught.value.message
+
+
+def test_parse_local_refused_when_no_local_sources_configured(repo, tmp_path):
+    cfg = load_config({}, local_sources="", data_dir=str(tmp_path / "data"))
+    with pytest.raises(SourceError) as caught:
+        parse_source(str(repo), cfg)
+    assert caught.value.message == f"Local paths are not allowed as Space sources: {repo}"
+    assert caught.value.hint == "allow a directory with APPLIANCE_LOCAL_SOURCES=/path/to/dir"
+
+
+def test_parse_local_refused_outside_allowed_roots(repo, tmp_path):
+    cfg = load_config({}, local_sources=str(tmp_path / "allowed"), data_dir=str(tmp_path / "d"))
+    with pytest.raises(SourceError) as caught:
+        parse_source(str(repo), cfg)
+    assert f"Local source {repo} is outside the allowed directories" in caught.value.message
+    assert "APPLIANCE_LOCAL_SOURCES" in caught.value.hint
+
+
+def test_parse_local_refuses_symlink_escaping_the_allowed_root(repo, tmp_path):
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "sneaky").symlink_to(repo)
+    cfg = load_config({}, local_sources=str(allowed), data_dir=str(tmp_path / "d"))
+    with pytest.raises(SourceError) as caught:
+        parse_source(str(allowed / "sneaky"), cfg)
+    assert f"(resolves to {repo}) is outside the allowed directories" in caught.value.message
+
+
+def test_parse_local_refuses_dotdot_escape(repo, tmp_path):
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    cfg = load_config({}, local_sources=str(allowed), data_dir=str(tmp_path / "d"))
+    with pytest.raises(SourceError, match="is outside the allowed directories"):
+        parse_source(f"{allowed}/../remote/my-space", cfg)
+
+
+def test_parse_local_refuses_missing_and_non_repository_directories(tmp_path, cfg):
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(SourceError, match=r"plain is not a git repository"):
+        parse_source(str(tmp_path / "plain"), cfg)
+    with pytest.raises(SourceError, match=r"missing is not a directory"):
+        parse_source(str(tmp_path / "missing"), cfg)
+
+
+# validators
+
+
+@pytest.mark.parametrize("space_id", ["alice/demo", "A1/b.c_d-e", "a/" + "b" * 96])
+def test_validate_space_id_accepts(space_id):
+    assert validate_space_id(space_id) == space_id
+
+
+@pytest.mark.parametrize(
+    "space_id",
+    ["", "alice", "a/b/c", "/demo", "alice/", "-a/b", "a/.b", "a/b..c", "a b/c", "a/" + "b" * 97],
+)
+def test_validate_space_id_refuses(space_id):
+    with pytest.raises(InvalidInput, match="Invalid Space id"):
+        validate_space_id(space_id)
+
+
+@pytest.mark.parametrize(
+    "revision", ["main", "v1.0", "feature/x", "release-2024_01", "deadbeef", "a" * 40]
+)
+def test_validate_revision_accepts(revision):
+    assert validate_revision(revision) == revision
+
+
+def test_validate_revision_passes_none_through():
+    assert validate_revision(None) is None
+    assert validate_revision("") is None
+
+
+@pytest.mark.parametrize(
+    "revision",
+    [
+        "-b",
+        "--upload-pack=x",
+        "a b",
+        "a\tb",
+        "a\x00b",
+        "main..dev",
+        "HEAD@{1}",
+        "HEAD~1",
+        "HEAD^",
+        "a:b",
+        "a?",
+        "a*",
+        "a[b",
+        "a\\b",
+        "/main",
+        "main/",
+        "main.",
+        "a//b",
+        "a/.b",
+        ".hidden",
+        "x.lock",
+        "@",
+        "x" * 256,
+    ],
+)
+def test_validate_revision_refuses(revision):
+    with pytest.raises(InvalidInput, match="Invalid revision"):
+        validate_revision(revision)
+
+
+# fetch
+
+
+def fetch_local(repo, tmp_path, cfg, revision=None, log=None):
+    dest = tmp_path / "checkout"
+    source = parse_source(str(repo), cfg)
+    return dest, fetch(source, dest, revision, cfg, log=log or (lambda line: None))
+
+
+def test_fetch_default_branch_is_shallow(repo, tmp_path, cfg):
+    lines = []
+    dest, sha = fetch_local(repo, tmp_path, cfg, log=lines.append)
+    assert sha == sha_of(repo, "main")
+    assert (dest / "app.py").read_text() == "print('two')\n"
+    assert git(dest, "rev-list", "--count", "HEAD") == "1"
+    assert any(line.startswith("$ git clone") for line in lines)
+
+
+def test_fetch_default_branch_follows_remote_head(repo, tmp_path, cfg):
+    git(repo, "symbolic-ref", "HEAD", "refs/heads/dev")
+    dest, sha = fetch_local(repo, tmp_path, cfg)
+    assert sha == sha_of(repo, "dev")
+
+
+@pytest.mark.parametrize("revision", ["dev", "v1", "light"])
+def test_fetch_branch_or_tag(revision, repo, tmp_path, cfg):
+    dest, sha = fetch_local(repo, tmp_path, cfg, revision)
+    assert sha == sha_of(repo, revision)
+    assert len(sha) == 40
+    expected = "print('dev')\n" if revision == "dev" else "print('one')\n"
+    assert (dest / "app.py").read_text() == expected
+
+
+def test_fetch_full_sha_of_an_older_commit_is_shallow(repo, tmp_path, cfg):
+    old = sha_of(repo, "main")
+    commit(repo, {"app.py": "print('three')\n"}, "three")
+    dest, sha = fetch_local(repo, tmp_path, cfg, old.upper())
+    assert sha == old
+    assert (dest / "app.py").read_text() == "print('two')\n"
+    assert git(dest, "rev-list", "--count", "HEAD") == "1"
+
+
+def test_fetch_full_sha_falls_back_to_full_clone_when_server_refuses(
+    repo, tmp_path, cfg, monkeypatch
+):
+    # Protocol v2 serves any reachable commit; v0 refuses unadvertised ones, like many hosts.
+    monkeypatch.setenv("GIT_CONFIG_COUNT", "1")
+    monkeypatch.setenv("GIT_CONFIG_KEY_0", "protocol.version")
+    monkeypatch.setenv("GIT_CONFIG_VALUE_0", "0")
+    old = sha_of(repo, "main")
+    commit(repo, {"app.py": "print('three')\n"}, "three")
+    lines = []
+    dest = tmp_path / "checkout"
+    sha = fetch(parse_source(str(repo), cfg), dest, old, cfg, log=lines.append)
+    assert sha == old
+    assert (dest / "app.py").read_text() == "print('two')\n"
+    assert any("cloning the full history" in line for line in lines)
+
+
+@pytest.mark.parametrize("length", [7, 12])
+def test_fetch_short_sha(length, repo, tmp_path, cfg):
+    dev = sha_of(repo, "dev")
+    dest, sha = fetch_local(repo, tmp_path, cfg, dev[:length])
+    assert sha == dev
+    assert (dest / "app.py").read_text() == "print('dev')\n"
+
+
+@pytest.mark.parametrize("revision", ["no-such-branch", "abcdef1", "a" * 40])
+def test_fetch_unknown_revision_names_it_and_removes_dest(revision, repo, tmp_path, cfg):
+    dest = tmp_path / "checkout"
+    with pytest.raises(SourceError) as caught:
+        fetch(parse_source(str(repo), cfg), dest, revision, cfg)
+    assert caught.value.message.startswith(f"Revision {revision!r} not found in {repo} (git: ")
+    assert "branch, tag or commit sha" in caught.value.hint
+    assert not dest.exists()
+
+
+def test_fetch_refuses_a_bad_revision_before_running_git(repo, tmp_path, cfg):
+    dest = tmp_path / "checkout"
+    with pytest.raises(SourceError, match="Invalid revision '--upload-pack=x'"):
+        fetch(parse_source(str(repo), cfg), dest, "--upload-pack=x", cfg)
+    assert not dest.exists()
+
+
+def test_fetch_refuses_an_existing_dest_and_leaves_it_alone(repo, tmp_path, cfg):
+    dest = tmp_path / "checkout"
+    dest.mkdir()
+    (dest / "keep").write_text("mine")
+    with pytest.raises(SourceError, match="already exists"):
+        fetch(parse_source(str(repo), cfg), dest, None, cfg)
+    assert (dest / "keep").read_text() == "mine"
+
+
+def test_fetch_refuses_a_dest_whose_parent_is_missing(repo, tmp_path, cfg):
+    dest = tmp_path / "nowhere" / "checkout"
+    with pytest.raises(SourceError, match=f"Checkout directory {dest.parent} does not exist"):
+        fetch(parse_source(str(repo), cfg), dest, None, cfg)
+
+
+def test_fetch_over_size_limit_is_removed_and_refused(repo, tmp_path, cfg):
+    commit(repo, {"weights.bin": os.urandom(2 * 1024 * 1024)}, "big")
+    small = cfg.with_values(max_checkout_mb=1)
+    dest = tmp_path / "checkout"
+    with pytest.raises(SourceError) as caught:
+        fetch(parse_source(str(repo), small), dest, None, small)
+    assert caught.value.message == f"Checkout of {repo} is 2.0 MiB, over the 1 MiB limit"
+    assert "APPLIANCE_MAX_CHECKOUT_MB" in caught.value.hint
+    assert not dest.exists()
+
+
+def test_fetch_lfs_pointers_without_git_lfs_are_refused(repo, tmp_path, cfg, monkeypatch):
+    monkeypatch.setattr(sources, "_git_lfs_available", lambda: False)
+    commit(repo, {"model.bin": LFS_POINTER, "data/x.ckpt": LFS_POINTER}, "lfs")
+    dest = tmp_path / "checkout"
+    with pytest.raises(SourceError) as caught:
+        fetch(parse_source(str(repo), cfg), dest, None, cfg)
+    assert caught.value.message == (
+        f"{repo} keeps files in Git LFS but git-lfs is not installed: data/x.ckpt, model.bin"
+    )
+    assert caught.value.hint == "install git-lfs (apt-get install git-lfs) and retry"
+    assert not dest.exists()
+
+
+def test_fetch_lfs_names_at_most_ten_files(repo, tmp_path, cfg, monkeypatch):
+    monkeypatch.setattr(sources, "_git_lfs_available", lambda: False)
+    commit(repo, {f"w{i:02}.bin": LFS_POINTER for i in range(13)}, "lfs")
+    with pytest.raises(SourceError) as caught:
+        fetch(parse_source(str(repo), cfg), tmp_path / "checkout", None, cfg)
+    assert caught.value.message.endswith("w08.bin, w09.bin and 3 more")
+
+
+def test_fetch_lfs_content_counts_towards_the_size_limit(repo, tmp_path, cfg, monkeypatch):
+    monkeypatch.setattr(sources, "_git_lfs_available", lambda: True)
+    pointer = LFS_POINTER.replace("size 12345", f"size {5 * 1024 * 1024}")
+    commit(repo, {"model.bin": pointer}, "lfs")
+    small = cfg.with_values(max_checkout_mb=1)
+    dest = tmp_path / "checkout"
+    with pytest.raises(SourceError, match=r"is 5\.0 MiB, over the 1 MiB limit"):
+        fetch(parse_source(str(repo), small), dest, None, small)
+    assert not dest.exists()
+
+
+def test_fetch_re_vets_a_local_source(repo, tmp_path, cfg):
+    source = Source("local", str(repo), str(repo), "local/x")
+    narrower = cfg.with_values(local_sources=str(tmp_path / "elsewhere"))
+    with pytest.raises(SourceError, match="outside the allowed directories"):
+        fetch(source, tmp_path / "checkout", None, narrower)
+
+
+def test_fetch_of_empty_repository_is_refused(tmp_path, cfg):
+    empty = tmp_path / "empty"
+    subprocess.run(["git", "init", "-q", str(empty)], check=True)
+    dest = tmp_path / "checkout"
+    with pytest.raises(SourceError, match=f"Repository {empty} has no commits"):
+        fetch(parse_source(str(empty), cfg), dest, None, cfg)
+    assert not dest.exists()
+
+
+# git failures, through stand-in git binaries
+
+
+def stand_in_git(tmp_path, monkeypatch, script: str) -> None:
+    path = tmp_path / "fake-git"
+    path.write_text("#!/bin/sh\n" + script)
+    path.chmod(0o755)
+    monkeypatch.setattr(sources, "_GIT", str(path))
+
+
+@pytest.mark.parametrize(
+    ("said", "message", "hint"),
+    [
+        (
+            "fatal: unable to access 'https://u:s3cr3tpw@git.lan/o/n/': Could not resolve host",
+            "Cannot reach the server of https://git.lan/o/n",
+            "offline bundle or a local mirror",
+        ),
+        (
+            "remote: Repository not found.\nfatal: repository 'https://git.lan/o/n/' not found",
+            "Repository https://git.lan/o/n was not found or needs credentials",
+            "token in the URL",
+        ),
+        (
+            "fatal: could not read Username for 'https://git.lan': terminal prompts disabled",
+            "Repository https://git.lan/o/n was not found or needs credentials",
+            "ssh URL",
+        ),
+        (
+            "fatal: unable to access 'https://git.lan/o/n/': SSL certificate problem: self signed",
+            "TLS certificate of https://git.lan/o/n is not trusted",
+            "GIT_SSL_CAINFO",
+        ),
+        ("fatal: something odd", "git failed to fetch https://git.lan/o/n", "build log"),
+    ],
+)
+def test_fetch_maps_git_failures_to_friendly_messages(
+    said, message, hint, tmp_path, cfg, monkeypatch
+):
+    stand_in_git(tmp_path, monkeypatch, f"cat >&2 <<'EOF'\n{said}\nEOF\nexit 128\n")
+    source = parse_source("https://u:s3cr3tpw@git.lan/o/n", cfg)
+    lines = []
+    with pytest.raises(SourceError) as caught:
+        fetch(source, tmp_path / "checkout", None, cfg, log=lines.append)
+    assert caught.value.message.startswith(message)
+    assert said.splitlines()[-1].replace("u:s3cr3tpw@", "") in caught.value.message
+    assert hint in caught.value.hint
+    assert "s3cr3tpw" not in str(caught.value) + "".join(lines)
+    assert lines
+
+
+def test_fetch_log_never_shows_the_token(tmp_path, cfg, monkeypatch):
+    stand_in_git(
+        tmp_path, monkeypatch, 'echo "error: using $*" >&2\necho "token ghp_abcdefgh" >&2\nexit 1\n'
+    )
+    source = parse_source("https://ghp_abcdefgh@git.lan/o/n", cfg)
+    lines = []
+    with pytest.raises(SourceError):
+        fetch(source, tmp_path / "checkout", None, cfg, log=lines.append)
+    assert lines and not any("ghp_abcdefgh" in line for line in lines)
+    assert "token ***" in lines
+
+
+def test_fetch_hung_git_times_out_and_is_killed(tmp_path, cfg, monkeypatch):
+    marker = tmp_path / "still-running"
+    stand_in_git(tmp_path, monkeypatch, f"(sleep 2; touch {marker}) &\nsleep 30\n")
+    quick = cfg.with_values(git_timeout=1)
+    dest = tmp_path / "checkout"
+    started = time.monotonic()
+    with pytest.raises(SourceError) as caught:
+        fetch(parse_source("https://git.lan/o/n", quick), dest, None, quick)
+    assert time.monotonic() - started < 10
+    assert caught.value.message == "git clone of https://git.lan/o/n timed out after 1 s"
+    assert "APPLIANCE_GIT_TIMEOUT" in caught.value.hint
+    assert not dest.exists()
+    time.sleep(max(0.0, started + 2.5 - time.monotonic()))
+    assert not marker.exists()  # the whole process group died, the background child too
+
+
+def test_fetch_without_git_installed(tmp_path, cfg, monkeypatch):
+    monkeypatch.setattr(sources, "_GIT", str(tmp_path / "no-git-here"))
+    with pytest.raises(SourceError) as caught:
+        fetch(parse_source("https://git.lan/o/n", cfg), tmp_path / "checkout", None, cfg)
+    assert caught.value.message.startswith("Cannot run git to fetch https://git.lan/o/n")
+    assert caught.value.hint == "install git (apt-get install git)"
+
+
+def test_git_runs_with_prompts_off_and_protocols_limited(tmp_path, cfg, monkeypatch):
+    record = tmp_path / "env"
+    stand_in_git(tmp_path, monkeypatch, f'env > {record}\necho "$@" >> {record}\nexit 1\n')
+    with pytest.raises(SourceError):
+        fetch(parse_source("https://git.lan/o/n", cfg), tmp_path / "checkout", None, cfg)
+    seen = record.read_text()
+    assert "GIT_TERMINAL_PROMPT=0" in seen
+    assert "GIT_ALLOW_PROTOCOL=https:http:ssh:git" in seen
+    assert "-c protocol.ext.allow=never" in seen
+    assert "clone --depth 1 -- https://git.lan/o/n" in seen
+
+
+# remote_head
+
+
+def test_remote_head_of_default_branch_branch_and_tags(repo, cfg):
+    source = parse_source(str(repo), cfg)
+    assert remote_head(source, None, cfg) == sha_of(repo, "main")
+    assert remote_head(source, "dev", cfg) == sha_of(repo, "dev")
+    assert remote_head(source, "v1", cfg) == sha_of(repo, "v1")
+    assert remote_head(source, "light", cfg) == sha_of(repo, "light")
+
+
+def test_remote_head_follows_new_commits(repo, cfg):
+    source = parse_source(str(repo), cfg)
+    before = remote_head(source, "main", cfg)
+    after = commit(repo, {"app.py": "print('three')\n"}, "three")
+    assert before != after
+    assert remote_head(source, "main", cfg) == after
+
+
+def test_remote_head_full_sha_names_itself(repo, cfg):
+    source = parse_source(str(repo), cfg)
+    assert remote_head(source, "A" * 40, cfg) == "a" * 40
+
+
+def test_remote_head_unknown_revision(repo, cfg):
+    source = parse_source(str(repo), cfg)
+    with pytest.raises(SourceError) as caught:
+        remote_head(source, "nope", cfg)
+    assert caught.value.message == f"Revision 'nope' not found in {repo}"
+
+
+def test_remote_head_of_missing_repository(tmp_path, cfg, monkeypatch):
+    stand_in_git(tmp_path, monkeypatch, "echo 'remote: Repository not found.' >&2\nexit 128\n")
+    gone = parse_source("https://git.lan/o/gone", cfg)
+    with pytest.raises(SourceError, match="https://git.lan/o/gone was not found or needs cred"):
+        remote_head(gone, None, cfg)
+
+
+def test_remote_head_of_local_repository_re_vets_it(repo, tmp_path, cfg):
+    source = parse_source(str(repo), cfg)
+    narrower = cfg.with_values(local_sources=str(tmp_path / "elsewhere"))
+    with pytest.raises(SourceError, match="outside the allowed directories"):
+        remote_head(source, None, narrower)
