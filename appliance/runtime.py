@@ -5,8 +5,8 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import pwd
+import re
 import subprocess
 import tarfile
 import time
@@ -151,9 +151,9 @@ class Runtime:
             tags.extend(image.tags)
         return sorted(set(tags))
 
-    def remove_image(self, name: str) -> None:
+    def remove_image(self, name: str, force: bool = False) -> None:
         try:
-            self.client.images.remove(name, force=False)
+            self.client.images.remove(name, force=force)
         except podman.errors.ImageNotFound:
             pass
         except podman.errors.APIError:
@@ -272,7 +272,7 @@ class Runtime:
             ports={f"{container_port}/tcp": ("127.0.0.1", host_port)},
             volumes={vol: {"bind": dest, "mode": "rw", "extended_mode": ["U"]}
                      for vol, dest in volumes.items()},
-            cap_drop=["ALL"], security_opt=["no-new-privileges"],
+            cap_drop=["ALL"], no_new_privileges=True,
         )
         if command:
             kwargs["command"] = command
@@ -350,15 +350,18 @@ class Runtime:
     def containers(self, space_id: str | None = None) -> list[ContainerState]:
         """List the appliance's containers (optionally one Space's), running or not."""
         label = f"{LABEL_SPACE}={space_id}" if space_id else LABEL_SPACE
-        found = self.client.containers.list(all=True, filters={"label": [label]})
+        # A list of label filters silently matches nothing on Podman 4.3: pass one string.
+        found = self.client.containers.list(all=True, filters={"label": label})
         return [
-            ContainerState(name=c.name, status=c.status, exit_code=None, labels=c.labels or {})
+            ContainerState(name=c.name, status=_list_status(c.attrs), exit_code=None,
+                           labels=c.labels or {})
             for c in found
         ]
 
-    def images_of(self, space_id: str) -> list[str]:
-        found = self.client.images.list(filters={"label": [f"{LABEL_SPACE}={space_id}"]})
-        return [tag for image in found for tag in image.tags]
+    def images_of(self, space_id: str) -> dict[str, list[str]]:
+        """Map the id of each image labelled with the Space to its tags (maybe none)."""
+        found = self.client.images.list(filters={"label": f"{LABEL_SPACE}={space_id}"})
+        return {image.id: list(image.tags) for image in found}
 
 
 class PortInUse(RuntimeUnavailable):
@@ -367,6 +370,12 @@ class PortInUse(RuntimeUnavailable):
                          hint="the appliance picks another port; narrow APPLIANCE_PORT_RANGE to "
                          "a range nothing else uses")
         self.port = port
+
+
+def _list_status(attrs: dict[str, Any]) -> str:
+    # List entries carry State as a plain string; podman-py's .status expects a mapping.
+    state = attrs.get("State")
+    return state if isinstance(state, str) else (state or {}).get("Status", "unknown")
 
 
 def _decode_error(text: str) -> str:

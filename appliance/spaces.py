@@ -339,22 +339,33 @@ def _wait_ready(ctx: Context, name: str, port: int, manifest: Manifest) -> None:
                 raise StartupFailed(
                     f"The app exited (code {code}) before answering on port "
                     f"{manifest.container_port}\n--- last lines of the app log ---\n"
-                    f"{ctx.runtime.logs(name, tail=30).strip()}",
+                    f"{_log_tail(ctx, name)}",
                     hint="fix the app and update the Space")
         time.sleep(ctx.config.startup_poll_interval)
     raise StartupFailed(
         f"The app did not answer on port {manifest.container_port} within {timeout} s "
         f"(startup_duration_timeout)\n--- last lines of the app log ---\n"
-        f"{ctx.runtime.logs(name, tail=30).strip()}",
+        f"{_log_tail(ctx, name)}",
         hint="make it listen on 0.0.0.0 at app_port, or raise startup_duration_timeout")
+
+
+def _log_tail(ctx: Context, name: str) -> str:
+    # conmon writes the log file asynchronously: a process that died at once may not be
+    # in it yet when Podman already reports the exit.
+    deadline = time.monotonic() + 3
+    while True:
+        text = ctx.runtime.logs(name, tail=30).strip()
+        if text or time.monotonic() > deadline:
+            return text or "(the app printed nothing)"
+        time.sleep(0.2)
 
 
 def _prune_images(ctx: Context, space_id: str) -> None:
     row = ctx.store.get_space(space_id)
     keep = {row["image"], row["previous_image"]}
-    for tag in ctx.runtime.images_of(space_id):
-        if tag not in keep:
-            ctx.runtime.remove_image(tag)
+    for image_id, tags in ctx.runtime.images_of(space_id).items():
+        if not keep.intersection(tags):
+            ctx.runtime.remove_image(image_id)
 
 
 # -- lifecycle --------------------------------------------------------------------------------
@@ -448,8 +459,8 @@ def delete(ctx: Context, space_id: str, keep_data: bool = False) -> None:
         ctx.store.move(space_id, row["stage"], stages.DELETING, ctx.actor, backend_port=None)
     for container in ctx.runtime.containers(space_id):
         ctx.runtime.remove_container(container.name)
-    for tag in ctx.runtime.images_of(space_id):
-        ctx.runtime.remove_image(tag)
+    for image_id in ctx.runtime.images_of(space_id):
+        ctx.runtime.remove_image(image_id, force=True)
     if not keep_data:
         ctx.runtime.remove_volume(data_volume(space_id))
     for path in _paths(ctx, space_id):

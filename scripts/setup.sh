@@ -66,6 +66,9 @@ configure_podman() {
   fi
   cat > "$home/.config/containers/containers.conf.new" <<EOF
 # Written by appliance scripts/setup.sh
+[containers]
+log_driver = "k8s-file"
+
 [engine]
 runtime = "$runtime"
 cgroup_manager = "$manager"

@@ -1,0 +1,110 @@
+"""Shared fixtures: real git repositories for Spaces and an appliance context on real Podman."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SERVICE_USER = "appliance"
+
+
+def git(cwd: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", "-c", "user.name=Test", "-c", "user.email=test@example.com", *args],
+        cwd=cwd, check=True, capture_output=True, text=True,
+    ).stdout.strip()
+
+
+def make_space_repo(path: Path, files: dict[str, str]) -> Path:
+    """Create a git repository holding files (a Space), committed on branch main."""
+    path.mkdir(parents=True, exist_ok=True)
+    git(path, "init", "-q", "-b", "main")
+    commit(path, files, "initial")
+    return path
+
+
+def commit(path: Path, files: dict[str, str | None], message: str) -> str:
+    """Write (or delete, with None) files and commit; return the new sha."""
+    for name, content in files.items():
+        target = path / name
+        if content is None:
+            target.unlink()
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(content)
+    git(path, "add", "-A")
+    git(path, "commit", "-q", "-m", message)
+    return git(path, "rev-parse", "HEAD")
+
+
+def as_service(*command: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command as the service account, with its rootless Podman environment."""
+    import pwd
+
+    account = pwd.getpwnam(SERVICE_USER)
+    return subprocess.run(
+        ["runuser", "-u", SERVICE_USER, "--", "env", f"HOME={account.pw_dir}",
+         f"XDG_RUNTIME_DIR=/run/user/{account.pw_uid}", *command],
+        cwd="/", check=check, capture_output=True, text=True,
+    )
+
+
+@pytest.fixture(scope="session")
+def podman_ready() -> None:
+    """Fail (not skip) when rootless Podman is not set up: scripts/test.sh sets it up."""
+    from appliance.config import load_config
+    from appliance.runtime import Runtime
+
+    Runtime(load_config({})).info()
+
+
+@pytest.fixture(scope="module")
+def appliance_env(tmp_path_factory, podman_ready):
+    """A fresh data dir and Space sources dir, and a context on the real Podman."""
+    from appliance import router, spaces
+    from appliance.config import load_config
+
+    root = tmp_path_factory.mktemp("appliance")
+    sources_dir = root / "sources"
+    sources_dir.mkdir()
+    low = 17100 + (uuid.uuid4().int % 40) * 20
+    config = load_config(
+        {}, data_dir=str(root / "data"), local_sources=str(sources_dir),
+        port_range=f"{low}-{low + 19}", startup_timeout_cap=180, drain_seconds=3,
+    )
+    ctx = spaces.open_context(config, actor="test")
+    yield ctx, sources_dir
+    for row in ctx.store.list_spaces():
+        try:
+            spaces.delete(ctx, row["id"])
+        except Exception:  # noqa: BLE001 - best-effort cleanup of a failed test
+            pass
+    router.stop_router(config)
+    ctx.store.close()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def container_env(name: str) -> dict[str, str]:
+    out = as_service("podman", "exec", name, "env").stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def labelled(kind: str, space_id: str) -> list[str]:
+    """Names of the service account's containers/images/volumes labelled with a Space."""
+    label = f"label=appliance.space={space_id}"
+    if kind == "container":
+        out = as_service("podman", "ps", "-a", "--filter", label, "--format", "{{.Names}}")
+    elif kind == "image":
+        out = as_service("podman", "images", "--filter", label, "--format", "{{.ID}}")
+    else:
+        out = as_service("podman", "volume", "ls", "--filter", label, "--format", "{{.Name}}")
+    return [line for line in out.stdout.splitlines() if line.strip()]
+
+
+os.environ.setdefault("APPLIANCE_CONFIG_FILE", "/nonexistent/appliance.toml")

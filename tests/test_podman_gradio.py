@@ -1,0 +1,208 @@
+"""A gradio Space on real rootless Podman: deploy, update, broken commits, rollback, secrets,
+stop/start, delete. The tests run in order and share one Space (each step builds on the last).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+import requests
+from click.testing import CliRunner
+from conftest import REPO, as_service, commit, container_env, labelled, make_space_repo
+
+from appliance import spaces, stages
+from appliance.cli import cli
+
+pytestmark = pytest.mark.podman
+SPACE = "team/hello"
+SECRET_VALUE = "s3cr3t-planted-7f9c"
+
+
+@pytest.fixture(scope="module")
+def space(appliance_env):
+    ctx, sources_dir = appliance_env
+    files = {p.name: p.read_text() for p in (REPO / "examples" / "hello-gradio").iterdir()}
+    repo = make_space_repo(sources_dir / "hello", files)
+    return ctx, repo
+
+
+def get(url: str) -> requests.Response:
+    return requests.get(url, timeout=10)
+
+
+def test_gradio_space_deploys_and_answers_on_its_url(space):
+    ctx, repo = space
+    view = spaces.add_space(ctx, str(repo), name=SPACE)
+    assert view["stage"] == stages.BUILDING
+    view = spaces.deploy(ctx, SPACE)
+    assert view["stage"] == stages.RUNNING, view["error"]
+    assert view["error"] is None
+    assert len(view["revision"]) == 40
+    assert view["sdk"] == "gradio"
+    assert view["hardware"] == "cpu"
+    response = get(view["url"])
+    assert response.status_code == 200
+    assert "Hello from the appliance" in response.text
+
+
+def test_cli_show_json_has_the_contract_fields(space):
+    ctx, _ = space
+    result = CliRunner().invoke(cli, ["spaces", "show", SPACE, "--json"], obj={"ctx": ctx})
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    for key in ("id", "stage", "sdk", "revision", "url", "error", "hardware"):
+        assert key in data
+    assert data["id"] == SPACE and data["stage"] == "RUNNING"
+
+
+def test_container_runs_hardened_with_spaces_variables(space):
+    ctx, _ = space
+    row = ctx.store.get_space(SPACE)
+    env = container_env(row["container"])
+    assert env["SPACE_ID"] == SPACE
+    assert env["SPACE_AUTHOR_NAME"] == "team" and env["SPACE_REPO_NAME"] == "hello"
+    assert env["SPACE_TITLE"] == "Hello Gradio"
+    assert env["SPACE_HOST"].endswith(f":{row['port']}")
+    assert {"ACCELERATOR", "CPU_CORES", "MEMORY", "GRADIO_SERVER_NAME"} <= set(env)
+    inspect = json.loads(as_service("podman", "inspect", row["container"]).stdout)[0]
+    assert inspect["HostConfig"]["CapDrop"] or inspect["EffectiveCaps"] in (None, [])
+    assert "no-new-privileges" in json.dumps(inspect["HostConfig"]["SecurityOpt"])
+    uid = as_service("podman", "exec", row["container"], "id", "-u").stdout.strip()
+    assert uid == "1000"
+    # /data is a per-Space volume the app (uid 1000) can write.
+    as_service("podman", "exec", row["container"], "touch", "/data/written")
+    bindings = inspect["HostConfig"]["PortBindings"]
+    assert all(b["HostIp"] == "127.0.0.1" for v in bindings.values() for b in v)
+
+
+def test_code_only_update_switches_with_no_failed_requests(space):
+    ctx, repo = space
+    url = spaces.describe(ctx, SPACE)["url"]
+    old = spaces.describe(ctx, SPACE)["revision"]
+    app = (repo / "app.py").read_text().replace("Hello from the appliance", "Hello, second")
+    new = commit(repo, {"app.py": app}, "code-only change")
+    failures: list[str] = []
+    served = [0]
+    stop = threading.Event()
+
+    def hammer():
+        while not stop.is_set():
+            try:
+                if get(url).status_code != 200:
+                    failures.append("status")
+                served[0] += 1
+            except requests.RequestException as exc:
+                failures.append(str(exc))
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=hammer)
+    thread.start()
+    try:
+        needed, view = spaces.request_update(ctx, SPACE)
+        assert needed and view["stage"] == stages.RUNNING_BUILDING
+        view = spaces.deploy(ctx, SPACE)
+    finally:
+        stop.set()
+        thread.join()
+    assert view["stage"] == stages.RUNNING, view["error"]
+    assert view["revision"] == new and view["previous_revision"] == old
+    assert failures == [] and served[0] > 10
+    assert "Hello, second" in get(url).text
+    log = spaces.build_log_path(ctx, SPACE).read_text()
+    assert "Reusing the shared SDK layer" in log
+    assert len(labelled("container", SPACE)) == 1
+
+
+def test_update_when_nothing_changed_is_a_no_op(space):
+    ctx, _ = space
+    needed, view = spaces.request_update(ctx, SPACE)
+    assert not needed and view["stage"] == stages.RUNNING
+
+
+def test_broken_build_keeps_old_revision_serving(space):
+    ctx, repo = space
+    before = spaces.describe(ctx, SPACE)
+    commit(repo, {"requirements.txt": "this-package-does-not-exist-appliance==0.0.1\n"}, "bad")
+    spaces.request_update(ctx, SPACE)
+    view = spaces.deploy(ctx, SPACE)
+    assert view["stage"] == stages.BUILD_ERROR
+    assert "this-package-does-not-exist-appliance" in view["error"]
+    assert "last lines of the build log" in view["error"]
+    assert view["revision"] == before["revision"]
+    assert "Hello, second" in get(before["url"]).text
+
+
+def test_commit_whose_app_crashes_keeps_old_revision_serving(space):
+    ctx, repo = space
+    before = spaces.describe(ctx, SPACE)
+    commit(repo, {"requirements.txt": None,
+                  "app.py": "raise SystemExit('boom: missing model file')\n"}, "crash")
+    spaces.request_update(ctx, SPACE)
+    view = spaces.deploy(ctx, SPACE)
+    assert view["stage"] == stages.RUNNING
+    assert "did not start" in view["error"] and "boom: missing model file" in view["error"]
+    assert view["revision"] == before["revision"]
+    assert "Hello, second" in get(before["url"]).text
+    assert len(labelled("container", SPACE)) == 1
+
+
+def test_rollback_serves_the_previous_revision_without_rebuilding(space):
+    ctx, _ = space
+    before = spaces.describe(ctx, SPACE)
+    view = spaces.rollback(ctx, SPACE)
+    assert view["stage"] == stages.RUNNING
+    assert view["revision"] == before["previous_revision"]
+    assert "Hello from the appliance" in get(view["url"]).text
+
+
+def test_secret_reaches_the_app_but_no_log_view_or_event(space):
+    ctx, _ = space
+    spaces.set_value(ctx, "secrets", SPACE, "API_TOKEN", SECRET_VALUE)
+    spaces.set_value(ctx, "variables", SPACE, "MODE", "demo")
+    view = spaces.restart(ctx, SPACE)
+    assert view["stage"] == stages.RUNNING
+    env = container_env(ctx.store.get_space(SPACE)["container"])
+    assert env["API_TOKEN"] == SECRET_VALUE and env["MODE"] == "demo"
+    runner = CliRunner()
+    for args in (["spaces", "show", SPACE, "--json"], ["spaces", "list", "--json"],
+                 ["events", "--json", "--limit", "500"],
+                 ["spaces", "secrets", "list", SPACE, "--json"],
+                 ["spaces", "logs", SPACE, "--build"]):
+        result = runner.invoke(cli, args, obj={"ctx": ctx})
+        assert result.exit_code == 0, result.output
+        assert SECRET_VALUE not in result.output
+    for path in ctx.config.data_path.rglob("*.log"):
+        assert SECRET_VALUE not in path.read_text(errors="replace")
+
+
+def test_stop_start_and_pause(space):
+    ctx, _ = space
+    url = spaces.describe(ctx, SPACE)["url"]
+    port = ctx.store.get_space(SPACE)["port"]
+    view = spaces.stop(ctx, SPACE)
+    assert view["stage"] == stages.STOPPED and view["url"] is None
+    assert labelled("container", SPACE) == []
+    assert requests.get(f"http://127.0.0.1:{port}/", timeout=5).status_code == 503
+    needs_build, view = spaces.start(ctx, SPACE)
+    assert not needs_build and view["stage"] == stages.RUNNING and view["url"] == url
+    # /data survived the stop.
+    name = ctx.store.get_space(SPACE)["container"]
+    assert as_service("podman", "exec", name, "test", "-f", "/data/written",
+                      check=False).returncode == 0
+    view = spaces.stop(ctx, SPACE, pause=True)
+    assert view["stage"] == stages.PAUSED
+
+
+def test_delete_leaves_nothing_behind(space):
+    ctx, _ = space
+    spaces.delete(ctx, SPACE)
+    assert ctx.store.find_space(SPACE) is None
+    assert labelled("container", SPACE) == []
+    assert labelled("image", SPACE) == []
+    assert labelled("volume", SPACE) == []
+    assert not any((ctx.config.data_path / "checkouts").iterdir())
+    kinds = [e["kind"] for e in ctx.store.events(SPACE, limit=500)]
+    assert kinds[0] == "deleted" and "created" in kinds
