@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,11 +100,14 @@ def sdk_image_plan(manifest: Manifest, python_tag: str, base_image: str, config)
         lines.append(f"RUN {mount}{env}pip install --no-cache-dir {packages}")
     if sdk == "static":
         lines.append("COPY static_server.py /home/user/.static_server.py")
-    tag = f"localhost/appliance-sdk:{sdk}-{version or 'latest'}-py{python_tag}"
     context: dict[str, bytes | Path] = {}
     if sdk == "static":
         context["static_server.py"] = STATIC_SERVER.read_bytes()
     context[".appliance.Containerfile"] = ("\n".join(lines) + "\n").encode()
+    # The tag names what the layer holds, so a changed recipe (a new appliance release, a
+    # CA bundle switched on) builds a new layer instead of reusing a stale one.
+    recipe = hashlib.sha256(b"".join(context[k] for k in sorted(context))).hexdigest()[:8]
+    tag = f"localhost/appliance-sdk:{sdk}-{version or 'latest'}-py{python_tag}-{recipe}"
     return BuildPlan(
         containerfile=".appliance.Containerfile", tag=tag, context=context,
         secrets=_ca_secret(config), labels={"appliance.role": "sdk"},
@@ -238,23 +240,49 @@ class BuildLog:
         self._fh.close()
 
 
-def explain_failure(message: str, log_tail: list[str], manifest: Manifest | None) -> str:
+def dockerfile_bases(checkout: Path) -> list[str]:
+    """List the images a Dockerfile builds FROM (not its own earlier stages)."""
+    try:
+        text = (checkout / "Dockerfile").read_text(errors="replace")
+    except OSError:
+        return []
+    bases: list[str] = []
+    stages_seen: set[str] = set()
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) < 2 or words[0].upper() != "FROM":
+            continue
+        words = [w for w in words[1:] if not w.startswith("--")]
+        if not words:
+            continue
+        if words[0].lower() not in stages_seen:
+            bases.append(words[0])
+        if len(words) >= 3 and words[1].upper() == "AS":
+            stages_seen.add(words[2].lower())
+    return bases
+
+
+_PULL_FAILURE = re.compile(
+    r"pinging container registry|dial tcp|no such host|image not known|manifest unknown"
+    r"|initializing source|requested access to the resource is denied|unable to pull",
+    re.IGNORECASE)
+
+
+def explain_failure(message: str, log_tail: list[str], bases: list[str]) -> str:
     """Turn a raw build failure into the user-facing error (with the log tail)."""
     text = "\n".join(log_tail[-25:])
-    pulled = re.search(r"(?:initializing source|pull(?:ing)? image|image not known)[^\n]*?"
-                       r"(?:docker://)?([\w./:@-]+)", message + "\n" + text)
-    if manifest is not None and manifest.sdk == "docker" and pulled and (
-        "pinging container registry" in message or "dial tcp" in message
-        or "image not known" in message or "no such host" in message
-    ):
-        image = pulled.group(1).rstrip(":")
-        return (
-            f"The Dockerfile's base image {image} could not be pulled: {message.strip()[:300]}\n"
-            f"Provide it offline with 'appliance images load IMAGE.tar' (make the archive with "
-            f"'podman save -o IMAGE.tar {image}' on a connected machine), or configure a "
-            f"registry mirror in the service account's ~/.config/containers/registries.conf."
-        )
+    if _PULL_FAILURE.search(message):
+        for image in bases:
+            short = image.split("/")[-1]
+            if short in message or short in text:
+                return (
+                    f"The Dockerfile's base image {image} could not be pulled: "
+                    f"{message.strip()[:300]}\n"
+                    f"Provide it offline with 'appliance images load IMAGE.tar' (make the "
+                    f"archive with 'podman save -o IMAGE.tar {image}' on a connected machine), "
+                    f"or configure a registry mirror in the service account's "
+                    f"~/.config/containers/registries.conf."
+                )
     return f"Build failed: {message.strip()}\n--- last lines of the build log ---\n{text}"
 
 
-LogSink = Callable[[str], None]

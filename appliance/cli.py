@@ -514,13 +514,17 @@ def worker_cmd(obj, space_id, job, factory):
 
 
 @cli.command("router")
+@click.option("--stop", is_flag=True, help="Stop the running router instead.")
 @click.pass_obj
-def router_cmd(obj):
+def router_cmd(obj, stop):
     """Run the front router in the foreground (normally started on demand or by systemd).
 
     Example: appliance router
     """
-    _config(obj)
+    config = _config(obj)
+    if stop:
+        router.stop_router(config)
+        return
     router.main()
 
 

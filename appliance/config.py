@@ -95,7 +95,14 @@ def _coerce(setting: Setting, raw: Any) -> Any:
             hint=f"set APPLIANCE_{setting.name.upper()}=true or false",
         )
     try:
-        return setting.kind(raw)
+        if isinstance(raw, bool) and setting.kind is not str:
+            raise ValueError(raw)
+        if setting.kind is int and isinstance(raw, float):
+            raise ValueError(raw)  # int(0.5) would silently become 0
+        value = setting.kind(raw)
+        if setting.kind in (int, float) and not 0 <= value < float("inf"):
+            raise ValueError(raw)  # negative, NaN and infinite values make no sense here
+        return value
     except (TypeError, ValueError):
         raise InvalidInput(
             f"Setting {setting.name} must be {setting.kind.__name__}, got {raw!r}",
@@ -144,6 +151,11 @@ class Config:
                 f"Setting port_range must look like 17000-17999, got {self.port_range!r}",
                 hint="fix APPLIANCE_PORT_RANGE",
             ) from None
+        if low > high:
+            raise InvalidInput(
+                f"Setting port_range {self.port_range!r} starts above where it ends",
+                hint="write the lower port first, e.g. 17000-17999",
+            )
         if not 1024 < low <= high < 65536:
             raise InvalidInput(
                 f"Setting port_range {self.port_range!r} is outside 1025-65535",

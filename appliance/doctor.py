@@ -424,7 +424,7 @@ def run_checks(
         try:
             podman = dict(podman_probe())
         except ApplianceError as exc:
-            podman_error = str(exc)
+            podman_error = exc.message  # its hint points back at doctor
     facts = Facts(
         config=config,
         root=root,

@@ -144,12 +144,25 @@ class Runtime:
         except (podman.errors.APIError, requests.RequestException) as exc:
             raise RuntimeUnavailable(f"Podman at {self.url} failed: {exc}") from None
 
+    def _list_images(self, filters: dict[str, str]) -> list[Any]:
+        # Listing inspects each image; one removed meanwhile (by a concurrent build or
+        # prune) fails the whole call with "image not known", so list again.
+        for attempt in range(3):
+            try:
+                return self.client.images.list(filters=filters)
+            except podman.errors.APIError as exc:
+                if "image not known" not in str(exc) or attempt == 2:
+                    raise RuntimeUnavailable(
+                        f"Podman could not list images: {_api_error_text(exc)}") from None
+            except requests.RequestException as exc:
+                raise RuntimeUnavailable(f"Podman at {self.url} failed: {exc}") from None
+        return []
+
     def list_images(self, reference: str) -> list[str]:
         """Return the tags matching a reference pattern (e.g. localhost/appliance-python)."""
-        tags: list[str] = []
-        for image in self.client.images.list(filters={"reference": reference}):
-            tags.extend(image.tags)
-        return sorted(set(tags))
+        tags = {tag for image in self._list_images({"reference": reference})
+                for tag in image.tags}
+        return sorted(tags)
 
     def remove_image(self, name: str, force: bool = False) -> None:
         try:
@@ -242,7 +255,8 @@ class Runtime:
             if not self.client.volumes.exists(name):
                 self.client.volumes.create(name, labels=labels)
         except podman.errors.APIError as exc:
-            raise RuntimeUnavailable(f"Cannot create volume {name}: {_api_error_text(exc)}") from None
+            raise RuntimeUnavailable(
+                f"Cannot create volume {name}: {_api_error_text(exc)}") from None
 
     def remove_volume(self, name: str) -> None:
         try:
@@ -360,7 +374,7 @@ class Runtime:
 
     def images_of(self, space_id: str) -> dict[str, list[str]]:
         """Map the id of each image labelled with the Space to its tags (maybe none)."""
-        found = self.client.images.list(filters={"label": f"{LABEL_SPACE}={space_id}"})
+        found = self._list_images({"label": f"{LABEL_SPACE}={space_id}"})
         return {image.id: list(image.tags) for image in found}
 
 

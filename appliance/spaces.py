@@ -159,6 +159,7 @@ def deploy(ctx: Context, space_id: str, factory: bool = False) -> dict[str, Any]
     build_id = ctx.store.start_build(space_id, factory, log_path)
     log = builds.BuildLog(log_path, list(ctx.store.kv("secrets", space_id).values()))
     manifest: Manifest | None = None
+    checkout = checkouts
     try:
         source = sources.parse_source(row["source"], ctx.config)
         checkouts.mkdir(parents=True, exist_ok=True)
@@ -179,7 +180,9 @@ def deploy(ctx: Context, space_id: str, factory: bool = False) -> dict[str, Any]
         ctx.store.finish_build(build_id, "failed", error=str(exc))
         return _fail(ctx, space_id, exc.stage, str(exc), serving)
     except (ApplianceError, OSError) as exc:
-        text = builds.explain_failure(str(exc), log.tail, manifest) \
+        bases = builds.dockerfile_bases(checkout) if manifest and manifest.sdk == "docker" \
+            else []
+        text = builds.explain_failure(str(exc), log.tail, bases) \
             if isinstance(exc, BuildFailed) else str(exc)
         log(f"==> {text.splitlines()[0]}")
         ctx.store.finish_build(build_id, "failed", error=log.redact(text))

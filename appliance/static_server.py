@@ -14,17 +14,24 @@ class StaticHandler(http.server.SimpleHTTPRequestHandler):
     index = "index.html"
 
     def translate_path(self, path: str) -> str:
+        """Map a URL path to a file under the root, or "" when it must not be served."""
         path = urllib.parse.unquote(urllib.parse.urlsplit(path).path)
         path = posixpath.normpath(path).lstrip("/")
         if path in ("", "."):
             path = self.index
         full = os.path.realpath(os.path.join(self.root, path))
-        if full != self.root and not full.startswith(self.root + os.sep):
-            return os.path.join(self.root, "\0missing")
+        if not full.startswith(self.root + os.sep):
+            return ""
         if os.path.isdir(full):
             inner = os.path.join(full, "index.html")
-            return inner if os.path.isfile(inner) else os.path.join(self.root, "\0missing")
+            return inner if os.path.isfile(inner) else ""
         return full
+
+    def send_head(self):
+        if not self.translate_path(self.path):
+            self.send_error(404, "Not found")
+            return None
+        return super().send_head()
 
     def list_directory(self, path):
         self.send_error(404, "Not found")

@@ -76,11 +76,10 @@ class Store:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        existed = self.path.exists()
         conn = sqlite3.connect(str(self.path), timeout=30, isolation_level=None,
                                check_same_thread=False)
-        if not existed:
-            os.chmod(self.path, 0o600)  # secrets live here
+        if self.path.stat().st_mode & 0o077:
+            os.chmod(self.path, 0o600)  # secrets live here (a restored copy may be 0644)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA busy_timeout=30000")
         conn.execute("PRAGMA foreign_keys=ON")

@@ -221,7 +221,8 @@ class Timeline:
         if started is None or answered is None or probed is None:
             return {"app_start_s": None, "probe_lag_s": None}
         return {"app_start_s": round(answered - started, 3),
-                "probe_lag_s": round(probed - answered, 3)}
+                # The two probes race; a negative lag is jitter, not a probe ahead of the app.
+                "probe_lag_s": round(max(0.0, probed - answered), 3)}
 
     def phases(self, end: float) -> dict[str, float]:
         """Sum top-level spans per phase up to end; 'other' is the rest (store, service)."""
