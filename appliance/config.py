@@ -178,7 +178,10 @@ def load_config(environ: dict[str, str] | None = None, **overrides: Any) -> Conf
     """Load settings: defaults, then the config file, then APPLIANCE_* variables, then overrides."""
     environ = dict(os.environ if environ is None else environ)
     values = {s.name: s.default for s in SETTINGS}
-    config_file = Path(environ.get("APPLIANCE_CONFIG_FILE", values["config_file"]))
+    # The file's location is a process-wide choice (the test suite points it away from
+    # /etc), so it is read from the process environment when the caller's mapping lacks it.
+    config_file = Path(environ.get("APPLIANCE_CONFIG_FILE")
+                       or os.environ.get("APPLIANCE_CONFIG_FILE") or values["config_file"])
     if config_file.is_file():
         try:
             data = tomllib.loads(config_file.read_text())

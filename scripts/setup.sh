@@ -130,14 +130,32 @@ install_venv() {
     say "Installing the appliance into $PREFIX/venv"
     local tmp; tmp="$(mktemp -d)"
     cp -r "$REPO/pyproject.toml" "$REPO/README.md" "$REPO/appliance" "$tmp/"
-    "$PREFIX/venv/bin/pip" install -q --upgrade "$tmp" >/dev/null
+    "$PREFIX/venv/bin/pip" install -q --upgrade "$tmp" >/dev/null 2>&1 \
+      || "$PREFIX/venv/bin/pip" install --upgrade "$tmp"
     rm -rf "$tmp"
     echo "$digest" > "$stamp"
   fi
   ln -sf "$PREFIX/venv/bin/appliance" /usr/local/bin/appliance
+  # The bundled examples become git repositories owned by the service account (git refuses
+  # to read a repository another user owns); fixed dates keep their commit ids stable, so a
+  # re-run changes nothing unless the example did.
+  local staged; staged="$(mktemp -d)"
+  cp -r "$REPO/examples/." "$staged/"
+  for dir in "$staged"/*/; do
+    (cd "$dir" && git init -q -b main && git add -A \
+      && GIT_AUTHOR_DATE="2026-01-01T00:00:00Z" GIT_COMMITTER_DATE="2026-01-01T00:00:00Z" \
+         git -c user.name=appliance -c user.email=appliance@localhost commit -q -m "Example Space")
+  done
   rm -rf "$PREFIX/share/examples"
-  cp -r "$REPO/examples" "$PREFIX/share/examples"
+  mv "$staged" "$PREFIX/share/examples"
+  chown -R "$SERVICE_USER:$SERVICE_USER" "$PREFIX/share/examples"
   chmod -R a+rX "$PREFIX/share"
+  install -d -m 755 /etc/appliance
+  if [ ! -f /etc/appliance/appliance.toml ]; then
+    printf '%s\n' "# appliance settings (README: Configuration); APPLIANCE_* variables win." \
+      "data_dir = \"$DATA_DIR\"" "local_sources = \"$PREFIX/share/examples\"" \
+      > /etc/appliance/appliance.toml
+  fi
 }
 
 build_base_image() {
