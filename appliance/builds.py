@@ -31,6 +31,11 @@ ENV HOME=/home/user \\
 """
 
 
+# Proxy variables are predefined build args; these are not, so they are declared for pip to
+# see them. ARG values reach RUN steps only, never the image's environment.
+_BUILD_ARGS = "ARG PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_TRUSTED_HOST"
+
+
 @dataclass
 class BuildPlan:
     """Everything one `podman build` needs; secrets travel apart from the context."""
@@ -94,8 +99,8 @@ def sdk_image_plan(manifest: Manifest, python_tag: str, base_image: str, config)
         packages = f'"streamlit{"==" + version if version else ""}"'
     else:  # static: only the appliance's own file server, no packages
         packages = ""
-    lines = [f"FROM {base_image}", _USER_SETUP, "USER user", "WORKDIR /home/user/app",
-             "RUN python3 -m venv /home/user/.venv"]
+    lines = [f"FROM {base_image}", _BUILD_ARGS, _USER_SETUP, "USER user",
+             "WORKDIR /home/user/app", "RUN python3 -m venv /home/user/.venv"]
     if packages:
         lines.append(f"RUN {mount}{env}pip install --no-cache-dir {packages}")
     if sdk == "static":
@@ -110,7 +115,8 @@ def sdk_image_plan(manifest: Manifest, python_tag: str, base_image: str, config)
     tag = f"localhost/appliance-sdk:{sdk}-{version or 'latest'}-py{python_tag}-{recipe}"
     return BuildPlan(
         containerfile=".appliance.Containerfile", tag=tag, context=context,
-        secrets=_ca_secret(config), labels={"appliance.role": "sdk"},
+        buildargs=build_env(config), secrets=_ca_secret(config),
+        labels={"appliance.role": "sdk"},
     )
 
 
@@ -126,19 +132,19 @@ def _ca_secret(config) -> dict[str, bytes]:
         ) from None
 
 
-def build_env(config, factory: bool) -> dict[str, str]:
+def build_env(config) -> dict[str, str]:
     """Build args every build gets: proxies and package index (never cached by buildah)."""
     args = {}
     for name, value in (("HTTP_PROXY", config.build_http_proxy),
                         ("HTTPS_PROXY", config.build_https_proxy),
-                        ("NO_PROXY", config.build_no_proxy),
-                        ("PIP_INDEX_URL", config.pip_index_url),
-                        ("PIP_EXTRA_INDEX_URL", config.pip_extra_index_url)):
+                        ("NO_PROXY", config.build_no_proxy)):
+        if value:
+            args[name] = args[name.lower()] = value
+    for name, value in (("PIP_INDEX_URL", config.pip_index_url),
+                        ("PIP_EXTRA_INDEX_URL", config.pip_extra_index_url),
+                        ("PIP_TRUSTED_HOST", config.pip_trusted_host)):
         if value:
             args[name] = value
-            args[name.lower()] = value
-    if factory:
-        args["PIP_NO_CACHE_DIR"] = "1"
     return args
 
 
@@ -167,11 +173,11 @@ def space_image_plan(
         # into a layer unless the Dockerfile itself writes them there.
         return BuildPlan(
             containerfile="Dockerfile", tag=tag, context={".": checkout},
-            buildargs={**variables, **build_env(config, False)},
+            buildargs={**variables, **build_env(config)},
             secrets={k: v.encode() for k, v in secrets.items()}, labels=labels,
         )
     mount, env = _ca_mount(config)
-    lines = [f"FROM {sdk_image}"]
+    lines = [f"FROM {sdk_image}", _BUILD_ARGS]
     # Each input file is copied alone right before the step that uses it, so a code-only
     # change reuses every layer up to the final COPY.
     if (checkout / "packages.txt").is_file() and manifest.sdk != "static":
@@ -211,7 +217,7 @@ def space_image_plan(
     return BuildPlan(
         containerfile=".appliance.Containerfile", tag=tag,
         context={".": checkout, ".appliance.Containerfile": ("\n".join(lines) + "\n").encode()},
-        buildargs=build_env(config, False), secrets=_ca_secret(config), labels=labels,
+        buildargs=build_env(config), secrets=_ca_secret(config), labels=labels,
     )
 
 

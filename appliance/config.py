@@ -62,6 +62,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("build_no_proxy", "", "NO_PROXY passed to builds."),
     Setting("pip_index_url", "", "PIP_INDEX_URL for builds (a local mirror); empty uses PyPI."),
     Setting("pip_extra_index_url", "", "PIP_EXTRA_INDEX_URL for builds."),
+    Setting("pip_trusted_host", "", "PIP_TRUSTED_HOST for builds (a plain-http local mirror)."),
     Setting("build_timeout", 3600, "Seconds a build may take before it is stopped.", int),
     Setting("space_cpus", 2.0, "CPU limit per Space, where the host can enforce limits.", float),
     Setting("space_memory_mb", 16384, "Memory limit per Space in MiB, where enforceable.", int),

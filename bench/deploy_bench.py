@@ -398,7 +398,7 @@ class Bench:
     root: Path
     nonce: str
     cold: bool
-    sdk_tag: str
+    shared_sdk_tag: str
     created_spaces: list[str] = field(default_factory=list)
     created_containers: list[str] = field(default_factory=list)
     created_images: list[str] = field(default_factory=list)
@@ -412,12 +412,21 @@ class Bench:
             1 for line in self.user.podman("ps", "-q").stdout.splitlines() if line.strip())}
 
 
+def sdk_tag(config: Config, base: str) -> str:
+    """Name the SDK image the appliance builds for the example on base, as spaces does."""
+    manifest = load_manifest(EXAMPLE)
+    return builds.sdk_image_plan(manifest, manifest.python_version, base or BASE_IMAGE,
+                                 config).tag
+
+
 def nonce_base(bench: Bench, round_no: int) -> str:
     """Tag the base image plus a unique label, so no cached SDK layer can match it.
 
     Removing the SDK image by name only untags it while other Spaces' images sit on top of it,
     and buildah would then find every SDK step in its layer cache. A base image with a new ID
-    changes the parent of the first step, so the appliance's SDK build runs every step.
+    changes the parent of the first step, so the appliance's SDK build runs every step. Since
+    the SDK tag carries a digest of its recipe (FROM line included), it also gets an SDK tag
+    of its own, and the box's shared SDK image is left alone.
     """
     tag = f"localhost/appliance-bench-base:{bench.nonce}-r{round_no}"
     work = bench.root / f"base-r{round_no}"
@@ -574,6 +583,11 @@ def run_round(ctx_for, bench: Bench, round_no: int) -> dict[str, Any]:
     result: dict[str, Any] = {"round": round_no + 1, "order": list(order)}
     base = nonce_base(bench, round_no) if bench.cold else ""
     ctx = ctx_for(base)
+    round_sdk = sdk_tag(ctx.config, base)
+    result["sdk_image"] = round_sdk
+    private_sdk = bool(base) and round_sdk != bench.shared_sdk_tag
+    if private_sdk:
+        bench.created_images.append(round_sdk)
     hello = bench.sources_dir / f"hello-r{round_no}"
     make_repo(hello, example_files())
     baseline_repo = bench.sources_dir / f"baseline-r{round_no}"
@@ -582,10 +596,11 @@ def run_round(ctx_for, bench: Bench, round_no: int) -> dict[str, Any]:
     space = None
     for side in order:
         if side == "appliance":
-            if bench.cold:
-                # Right before the deploy, so a concurrent deploy elsewhere has no time to
-                # tag a new SDK image in between (the SDK check is by name).
-                bench.user.podman("rmi", bench.sdk_tag, check=False)
+            if bench.cold and not private_sdk:
+                # Only when the SDK tag does not name its base (an appliance without recipe
+                # digests): then it is the shared one, removed by its exact name right before
+                # the deploy so a concurrent deploy has no time to tag a new one in between.
+                bench.user.podman("rmi", round_sdk, check=False)
             print(f"round {round_no + 1}: (a) cold deploy through the appliance…", flush=True)
             space, result["appliance"] = deploy_appliance(ctx, bench, hello, first_id)
             cold_ok = result["appliance"]["sdk_built"] and not result["appliance"][
@@ -612,8 +627,10 @@ def run_round(ctx_for, bench: Bench, round_no: int) -> dict[str, Any]:
         result["appliance"]["total_s"] / result["baseline"]["total_s"], 3)
     for space_id in list(bench.created_spaces):
         delete_space(ctx, bench, space_id)
+    if private_sdk:
+        bench.user.podman("rmi", round_sdk, check=False)
     if base:
-        bench.user.podman("rmi", base, check=False)  # only untags it while the SDK sits on it
+        bench.user.podman("rmi", base, check=False)  # only untags it while an SDK sits on it
     return result
 
 
@@ -837,9 +854,8 @@ def main(argv: list[str] | None = None) -> int:
                          port_range=PORT_RANGE)
     user = ServiceUser.of(config)
     ctx = spaces.open_context(config, actor="bench")
-    manifest = load_manifest(EXAMPLE)
-    sdk_tag = builds.sdk_image_plan(manifest, manifest.python_version, BASE_IMAGE, config).tag
-    bench = Bench(config, user, root, secrets.token_hex(3), not args.quick, sdk_tag)
+    bench = Bench(config, user, root, secrets.token_hex(3), not args.quick,
+                  sdk_tag(config, ""))
     contexts: dict[str, spaces.Context] = {"": ctx}
 
     def ctx_for(base: str) -> spaces.Context:
@@ -873,8 +889,8 @@ def main(argv: list[str] | None = None) -> int:
         "duration_s": round((datetime.now(UTC) - started).total_seconds(), 1),
         "machine": info,
         "settings": {
-            "rounds": args.rounds, "port_range": PORT_RANGE, "sdk_image": sdk_tag,
-            "base_image": BASE_IMAGE, "ca_bundle": CA_BUNDLE,
+            "rounds": args.rounds, "port_range": PORT_RANGE, "base_image": BASE_IMAGE,
+            "shared_sdk_image": bench.shared_sdk_tag, "ca_bundle": CA_BUNDLE,
             "probe_interval_s": PROBE_INTERVAL,
             "baseline_containerfile": BASELINE_CONTAINERFILE,
         },
