@@ -109,7 +109,9 @@ def _wait_or_spawn(obj: dict, space_id: str, job: str, wait: bool, factory: bool
     ctx = _ctx(obj)
     if wait:
         return _run_job(ctx, space_id, job, factory)
-    spawn_worker(_config(obj), space_id, job, factory)
+    pid = spawn_worker(_config(obj), space_id, job, factory)
+    # The worker owns the busy stage from now on (a crash of it is then recognised).
+    ctx.store.update_space(space_id, worker_pid=pid)
     return spaces.describe(ctx, space_id)
 
 
@@ -119,7 +121,7 @@ def _run_job(ctx: spaces.Context, space_id: str, job: str, factory: bool) -> dic
     raise InvalidInput(f"Unknown job {job!r}")
 
 
-def spawn_worker(config: Config, space_id: str, job: str, factory: bool) -> None:
+def spawn_worker(config: Config, space_id: str, job: str, factory: bool) -> int:
     """Run a job in a detached worker process (work longer than a command)."""
     env = {**os.environ, **{f"APPLIANCE_{s.name.upper()}": str(config.values[s.name])
                             for s in SETTINGS}}
@@ -129,8 +131,8 @@ def spawn_worker(config: Config, space_id: str, job: str, factory: bool) -> None
     log_dir = config.data_path / "run"
     log_dir.mkdir(parents=True, exist_ok=True)
     with open(log_dir / "worker.log", "ab") as log:
-        subprocess.Popen(command, env=env, cwd="/", stdin=subprocess.DEVNULL, stdout=log,
-                         stderr=log, start_new_session=True)
+        return subprocess.Popen(command, env=env, cwd="/", stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=log, start_new_session=True).pid
 
 
 def _report(space: dict, as_json: bool) -> None:

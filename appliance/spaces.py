@@ -110,6 +110,7 @@ def add_space(ctx: Context, source_text: str, name: str | None = None,
                 "id": space_id, "source": source.url, "source_display": source.display,
                 "revision_request": revision, "stage": stages.BUILDING, "port": port,
                 "hardware": hardware, "desired": "running", "created_by": ctx.actor,
+                "worker_pid": os.getpid(),
             }, ctx.actor)
             break
         except Conflict as exc:
@@ -152,6 +153,7 @@ def deploy(ctx: Context, space_id: str, factory: bool = False) -> dict[str, Any]
     Runs in the worker (or in the CLI with --wait). Whatever fails, a revision that was
     serving keeps serving, and the failure lands in the stage and `error`.
     """
+    ctx.store.update_space(space_id, worker_pid=os.getpid())
     row = ctx.store.get_space(space_id)
     serving = row["stage"] in _SERVING or bool(row["backend_port"] and row["container"])
     checkouts, logs = _paths(ctx, space_id)
@@ -374,10 +376,52 @@ def _prune_images(ctx: Context, space_id: str) -> None:
 # -- lifecycle --------------------------------------------------------------------------------
 
 
+def _process_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, and another user's (root typed the command)
+    return True
+
+
+def recover_abandoned(ctx: Context, space_id: str) -> dict[str, Any]:
+    """Settle a Space left busy by a process that died (a crash, a kill -9, a reboot).
+
+    A revision that still serves keeps serving (RUNNING); otherwise the Space lands in the
+    error stage of what it was doing, with a message, so the next command can retry it.
+    """
+    row = ctx.store.get_space(space_id)
+    if row["stage"] not in stages.BUSY or row["stage"] == stages.DELETING \
+            or _process_alive(row["worker_pid"]):
+        return row
+    for container in ctx.runtime.containers(space_id):
+        if container.name != row["container"]:
+            ctx.runtime.remove_container(container.name)  # half-started by the dead process
+    build = ctx.store.latest_build(space_id)
+    if build and build["status"] == "running":
+        ctx.store.finish_build(build["id"], "abandoned", error="the building process ended")
+    state = ctx.runtime.state(row["container"]) if row["container"] else None
+    message = (f"The appliance process {row['worker_pid']} ended while the Space was "
+               f"{row['stage']}; run 'appliance spaces update {space_id}' to try again")
+    if state is not None and state.running and row["backend_port"]:
+        return ctx.store.move(space_id, row["stage"], stages.RUNNING, ctx.actor,
+                              event="recovered", error=message, worker_pid=None)
+    target = stages.RUNTIME_ERROR if row["stage"] == stages.APP_STARTING \
+        else stages.BUILD_ERROR
+    if row["stage"] == stages.RUNNING_APP_STARTING:
+        target = stages.RUNTIME_ERROR
+    return ctx.store.move(space_id, row["stage"], target, ctx.actor, event="recovered",
+                          error=message, worker_pid=None, backend_port=None, container=None)
+
+
 def request_update(ctx: Context, space_id: str, factory: bool = False,
                    revision: str | None = None) -> tuple[bool, dict[str, Any]]:
     """Decide whether an update is needed; move the stage so a worker builds. (needed, view)."""
-    row = ctx.store.get_space(space_id)
+    row = recover_abandoned(ctx, space_id)
     if row["stage"] in stages.BUSY:
         raise Conflict(f"Space {space_id} is busy ({row['stage']})",
                        hint=f"wait for it: 'appliance spaces logs {space_id} --build --follow'")
@@ -397,7 +441,7 @@ def request_update(ctx: Context, space_id: str, factory: bool = False,
 
 def restart(ctx: Context, space_id: str) -> dict[str, Any]:
     """Start a fresh container of the current image beside the old one, then switch."""
-    row = ctx.store.get_space(space_id)
+    row = recover_abandoned(ctx, space_id)
     if row["stage"] in stages.BUSY:
         raise Conflict(f"Space {space_id} is busy ({row['stage']})")
     if not row["image"] or not ctx.runtime.image_exists(row["image"]):
@@ -408,7 +452,7 @@ def restart(ctx: Context, space_id: str) -> dict[str, Any]:
 
 def rollback(ctx: Context, space_id: str) -> dict[str, Any]:
     """Serve the previous revision's kept image again (no rebuild)."""
-    row = ctx.store.get_space(space_id)
+    row = recover_abandoned(ctx, space_id)
     if row["stage"] in stages.BUSY:
         raise Conflict(f"Space {space_id} is busy ({row['stage']})")
     if not row["previous_image"] or not ctx.runtime.image_exists(row["previous_image"]):
@@ -432,7 +476,7 @@ def _manifest(row: dict[str, Any]) -> Manifest:
 
 def stop(ctx: Context, space_id: str, pause: bool = False) -> dict[str, Any]:
     """Stop (or pause: never woken by itself) a Space; its image and data stay."""
-    row = ctx.store.get_space(space_id)
+    row = recover_abandoned(ctx, space_id)
     target = stages.PAUSED if pause else stages.STOPPED
     ctx.store.move(space_id, row["stage"], target, ctx.actor, backend_port=None,
                    container=None, desired="paused" if pause else "stopped")
@@ -444,7 +488,7 @@ def stop(ctx: Context, space_id: str, pause: bool = False) -> dict[str, Any]:
 
 def start(ctx: Context, space_id: str) -> tuple[bool, dict[str, Any]]:
     """Start a stopped Space from its image; (needs_build, view) when there is none."""
-    row = ctx.store.get_space(space_id)
+    row = recover_abandoned(ctx, space_id)
     if row["stage"] in _SERVING:
         return False, describe(ctx, space_id)
     if row["image"] and ctx.runtime.image_exists(row["image"]):

@@ -63,10 +63,16 @@ def _m001_initial(db: sqlite_utils.Database) -> None:
     db["events"].create_index(["space_id", "id"])
 
 
+def _m002_worker_pid(db: sqlite_utils.Database) -> None:
+    # Which process owns a busy stage, so a crash mid-build can be told from a slow build.
+    db["spaces"].add_column("worker_pid", int)
+
+
 # Named migrations, applied in order and recorded in the migrations table. Never edit one
 # that has shipped; append a new one.
 MIGRATIONS: tuple[tuple[str, Callable[[sqlite_utils.Database], None]], ...] = (
     ("001_initial", _m001_initial),
+    ("002_worker_pid", _m002_worker_pid),
 )
 
 
@@ -193,6 +199,8 @@ class Store:
             if row["stage"] != new:
                 stages.check_move(space_id, row["stage"], new)
             values = {**fields, "stage": new, "updated_at": now()}
+            if new in stages.BUSY:
+                values.setdefault("worker_pid", os.getpid())
             sets = ", ".join(f"[{k}] = ?" for k in values)
             placeholders = ", ".join("?" for _ in allowed)
             cursor = self.db.execute(

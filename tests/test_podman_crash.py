@@ -1,0 +1,84 @@
+"""Crashes leave nothing that blocks a retry: kill -9 the worker mid-build, then try again."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import requests
+from click.testing import CliRunner
+from conftest import commit, labelled, make_space_repo
+
+from appliance import spaces, stages
+from appliance.cli import cli
+
+pytestmark = pytest.mark.podman
+
+README = "---\ntitle: Slow\nsdk: docker\napp_port: 8080\n---\n"
+SLOW = """FROM localhost/appliance-python:3.11
+RUN echo "slow step starts" && sleep 60
+CMD ["python3", "-m", "http.server", "8080"]
+"""
+FAST = """FROM localhost/appliance-python:3.11
+RUN echo "fixed" > /srv/index.html
+WORKDIR /srv
+CMD ["python3", "-m", "http.server", "8080"]
+"""
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_worker_killed_mid_build_leaves_a_space_that_update_recovers(appliance_env):
+    ctx, sources_dir = appliance_env
+    repo = make_space_repo(sources_dir / "slow", {"README.md": README, "Dockerfile": SLOW})
+    result = CliRunner().invoke(cli, ["spaces", "add", str(repo), "--name", "team/slow"],
+                                obj={"ctx": ctx, "config": ctx.config})
+    assert result.exit_code == 0, result.output
+    worker = ctx.store.get_space("team/slow")["worker_pid"]
+    assert worker and worker != os.getpid()
+
+    def slow_step_running():
+        path = spaces.build_log_path(ctx, "team/slow")
+        return path and path.exists() and "slow step starts" in path.read_text()
+
+    wait_for(slow_step_running, 120, "the slow build step")
+    os.kill(worker, signal.SIGKILL)
+    wait_for(lambda: not os.path.exists(f"/proc/{worker}") or
+             open(f"/proc/{worker}/stat").read().split()[2] == "Z", 10, "the worker to die")
+    assert ctx.store.get_space("team/slow")["stage"] == stages.BUILDING  # as the crash left it
+    assert ctx.store.integrity_ok()
+
+    commit(repo, {"Dockerfile": FAST}, "fix the build")
+    needed, view = spaces.request_update(ctx, "team/slow")
+    assert needed and view["stage"] == stages.BUILDING
+    kinds = [e["kind"] for e in ctx.store.events("team/slow", limit=50)]
+    assert "recovered" in kinds
+    view = spaces.deploy(ctx, "team/slow")
+    assert view["stage"] == stages.RUNNING, view["error"]
+    assert requests.get(view["url"], timeout=5).text.strip() == "fixed"
+    assert len(labelled("container", "team/slow")) == 1
+    assert ctx.store.latest_build("team/slow")["status"] == "succeeded"
+    statuses = [b["status"] for b in ctx.store.db.query(
+        "select status from builds where space_id = ? order by id", ["team/slow"])]
+    assert statuses == ["abandoned", "succeeded"]
+    spaces.delete(ctx, "team/slow")
+
+
+def test_busy_space_with_a_live_worker_is_not_taken_over(appliance_env):
+    ctx, sources_dir = appliance_env
+    repo = make_space_repo(sources_dir / "busy", {"README.md": README, "Dockerfile": FAST})
+    spaces.add_space(ctx, str(repo), name="team/busy")  # BUILDING, owned by this live process
+    with pytest.raises(Exception) as raised:
+        spaces.request_update(ctx, "team/busy")
+    assert "busy (BUILDING)" in str(raised.value)
+    spaces.delete(ctx, "team/busy")
