@@ -57,25 +57,26 @@ def image_repository(space_id: str) -> str:
 
 def choose_python(requested: str, available: list[str]) -> tuple[str, str | None]:
     """Pick the base image's Python: exact when available, else the nearest minor (a warning)."""
-    if not available:
+    def minor(version: str) -> tuple[int, int] | None:
+        major, _, rest = version.partition(".")
+        try:
+            return int(major), int(rest.split(".")[0] or 0)
+        except ValueError:
+            return None
+
+    numbered = {v: minor(v) for v in available if minor(v) is not None}
+    if not numbered:
         raise BuildFailed(
-            f"No Python base image is available (looked for {BASE_REPOSITORY}:*)",
+            f"No Python base image is available (looked for {BASE_REPOSITORY}:<version>)",
             hint="run 'sudo scripts/setup.sh' to build it, or 'appliance images load FILE'",
         )
-    if requested in available:
+    if requested in numbered:
         return requested, None
-
-    def minor(version: str) -> tuple[int, int]:
-        major, _, rest = version.partition(".")
-        return int(major), int(rest.split(".")[0] or 0)
-
-    try:
-        want = minor(requested)
-    except ValueError:
-        want = (3, 10)
-    same_major = [v for v in available if minor(v)[0] == want[0]] or available
+    want = minor(requested) or (3, 10)
+    same_major = [v for v, m in numbered.items() if m[0] == want[0]] or list(numbered)
     # Nearest minor; on a tie prefer the newer one (wheels exist for it more often).
-    chosen = min(same_major, key=lambda v: (abs(minor(v)[1] - want[1]), -minor(v)[1]))
+    chosen = min(same_major,
+                 key=lambda v: (abs(numbered[v][1] - want[1]), -numbered[v][1]))
     return chosen, (
         f"python_version {requested} is not available on this box; using {chosen}, the nearest "
         f"(add a base image for {requested} under images/python to match exactly)"
@@ -112,7 +113,9 @@ def sdk_image_plan(manifest: Manifest, python_tag: str, base_image: str, config)
     # The tag names what the layer holds, so a changed recipe (a new appliance release, a
     # CA bundle switched on) builds a new layer instead of reusing a stale one.
     recipe = hashlib.sha256(b"".join(context[k] for k in sorted(context))).hexdigest()[:8]
-    tag = f"localhost/appliance-sdk:{sdk}-{version or 'latest'}-py{python_tag}-{recipe}"
+    # Tags allow [\w.-]: a local version label such as 5.9.1+cpu must not reach one as is.
+    shown = re.sub(r"[^\w.-]", "_", version or "latest")
+    tag = f"localhost/appliance-sdk:{sdk}-{shown}-py{python_tag}-{recipe}"
     return BuildPlan(
         containerfile=".appliance.Containerfile", tag=tag, context=context,
         buildargs=build_env(config), secrets=_ca_secret(config),
@@ -227,7 +230,11 @@ class BuildLog:
     def __init__(self, path: Path, secrets: list[str]):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._secrets = sorted((s for s in secrets if len(s) >= 3), key=len, reverse=True)
+        # Output arrives a line at a time, so a multi-line secret (a PEM key) is redacted
+        # line by line as well as whole.
+        pieces = set(secrets) | {line.strip() for s in secrets if "\n" in s
+                                 for line in s.splitlines()}
+        self._secrets = sorted((s for s in pieces if len(s) >= 3), key=len, reverse=True)
         self._fh = open(path, "a", encoding="utf-8")
         self.tail: list[str] = []
 
@@ -254,7 +261,7 @@ def dockerfile_bases(checkout: Path) -> list[str]:
         return []
     bases: list[str] = []
     stages_seen: set[str] = set()
-    for line in text.splitlines():
+    for line in text.lstrip("\ufeff").splitlines():
         words = line.split()
         if len(words) < 2 or words[0].upper() != "FROM":
             continue

@@ -287,6 +287,9 @@ class Runtime:
             volumes={vol: {"bind": dest, "mode": "rw", "extended_mode": ["U"]}
                      for vol, dest in volumes.items()},
             cap_drop=["ALL"], no_new_privileges=True,
+            # An app as PID 1 ignores SIGTERM (gradio does), making every stop wait out the
+            # 10 s timeout; catatonit as init forwards signals and reaps zombies.
+            init=True,
         )
         if command:
             kwargs["command"] = command

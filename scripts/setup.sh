@@ -18,7 +18,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 install_packages() {
-  local pkgs=(podman uidmap slirp4netns fuse-overlayfs runc debootstrap python3 python3-venv
+  local pkgs=(podman uidmap slirp4netns fuse-overlayfs runc catatonit debootstrap python3 python3-venv
               git ca-certificates iproute2 util-linux procps)
   local missing=()
   for p in "${pkgs[@]}"; do

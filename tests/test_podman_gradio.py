@@ -58,6 +58,18 @@ def test_cli_show_json_has_the_contract_fields(space):
     assert data["id"] == SPACE and data["stage"] == "RUNNING"
 
 
+def test_run_log_shows_the_app_output(space):
+    ctx, _ = space
+    deadline = time.monotonic() + 15  # conmon writes the log file asynchronously
+    while True:
+        result = CliRunner().invoke(cli, ["spaces", "logs", SPACE], obj={"ctx": ctx})
+        assert result.exit_code == 0, result.output
+        if "Running on local URL" in result.output or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert "Running on local URL" in result.output
+
+
 def test_container_runs_hardened_with_spaces_variables(space):
     ctx, _ = space
     row = ctx.store.get_space(SPACE)
