@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets as pysecrets
 import shutil
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from .errors import (
     NotFound,
     StartupFailed,
 )
-from .manifest import Manifest, load_manifest
+from .manifest import Manifest, load_manifest, parse_manifest
 from .runtime import LABEL_REVISION, LABEL_ROLE, LABEL_SPACE, PortInUse, Runtime
 from .store import Store, open_store
 
@@ -42,7 +43,6 @@ class Context:
     store: Store
     runtime: Runtime
     actor: str = "cli"
-    log_sink: list[str] = field(default_factory=list)
 
 
 def open_context(config: Config, actor: str = "cli") -> Context:
@@ -466,12 +466,9 @@ def rollback(ctx: Context, space_id: str) -> dict[str, Any]:
 
 
 def _manifest(row: dict[str, Any]) -> Manifest:
-    from .manifest import parse_manifest
-
+    """Rebuild the Manifest stored with the Space (its to_dict() round-trips)."""
     data = json.loads(row["manifest"] or "{}")
-    import yaml
-
-    return parse_manifest("---\n" + yaml.safe_dump(data) + "---\n")
+    return parse_manifest("---\n" + json.dumps(data, ensure_ascii=False) + "\n---\n")
 
 
 def stop(ctx: Context, space_id: str, pause: bool = False) -> dict[str, Any]:
@@ -520,8 +517,6 @@ def delete(ctx: Context, space_id: str, keep_data: bool = False) -> None:
 
 def set_value(ctx: Context, kind: str, space_id: str, key: str, value: str) -> None:
     """Store a secret or variable (applied at the next start, build args for docker)."""
-    import re
-
     if not re.fullmatch(_KEY, key):
         raise InvalidInput(f"{kind[:-1].capitalize()} name {key!r} is not valid",
                            hint="use letters, digits and _ (not starting with a digit)")

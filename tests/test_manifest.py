@@ -656,3 +656,15 @@ def _has_nan(value) -> bool:
     if isinstance(value, list):
         return any(_has_nan(item) for item in value)
     return isinstance(value, float) and math.isnan(value)
+
+
+def test_manifest_stored_as_json_round_trips_with_emoji_and_versions():
+    import json
+
+    original = parse_manifest(
+        "---\ntitle: Hi\nemoji: 👋\nsdk: gradio\nsdk_version: 5.9.1\npython_version: 3.10\n"
+        "custom_key: {nested: [1, 2]}\n---\n")
+    stored = json.dumps(original.to_dict(), ensure_ascii=False)
+    again = parse_manifest("---\n" + stored + "\n---\n")
+    assert again.to_dict() == original.to_dict()
+    assert again.emoji == "👋" and again.python_version == "3.10"
