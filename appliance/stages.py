@@ -26,8 +26,9 @@ _ERRORS = {NO_APP_FILE, CONFIG_ERROR, BUILD_ERROR, RUNTIME_ERROR}
 # Stages in which work (a build or a start) is under way; a second request must wait.
 BUSY = frozenset({BUILDING, APP_STARTING, RUNNING_BUILDING, RUNNING_APP_STARTING, DELETING})
 
-# from-stage -> stages it may move to. BUILD_ERROR may still have an older revision serving
-# (a failed update keeps it), hence its edges back to RUNNING and RUNNING_BUILDING.
+# from-stage -> stages it may move to. BUILD_ERROR, CONFIG_ERROR and NO_APP_FILE may still
+# have an older revision serving (a failed update keeps it), hence their edges back to
+# RUNNING, RUNNING_BUILDING and RUNNING_APP_STARTING (a restart or rollback beside it).
 TRANSITIONS: dict[str, frozenset[str]] = {
     BUILDING: frozenset(
         {APP_STARTING, BUILD_ERROR, CONFIG_ERROR, NO_APP_FILE, STOPPED, PAUSED, DELETING}
@@ -48,10 +49,12 @@ TRANSITIONS: dict[str, frozenset[str]] = {
          PAUSED, DELETING}
     ),
     CONFIG_ERROR: frozenset(
-        {BUILDING, RUNNING_BUILDING, RUNNING, APP_STARTING, STOPPED, PAUSED, DELETING}
+        {BUILDING, RUNNING_BUILDING, RUNNING_APP_STARTING, RUNNING, APP_STARTING, STOPPED,
+         PAUSED, DELETING}
     ),
     NO_APP_FILE: frozenset(
-        {BUILDING, RUNNING_BUILDING, RUNNING, APP_STARTING, STOPPED, PAUSED, DELETING}
+        {BUILDING, RUNNING_BUILDING, RUNNING_APP_STARTING, RUNNING, APP_STARTING, STOPPED,
+         PAUSED, DELETING}
     ),
     STOPPED: frozenset({APP_STARTING, BUILDING, PAUSED, DELETING}),
     PAUSED: frozenset({APP_STARTING, BUILDING, STOPPED, DELETING}),

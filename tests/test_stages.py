@@ -68,7 +68,7 @@ def test_every_stage_but_deleting_may_move_to_deleting(stage):
         ("PAUSED", "RUNNING"),
         ("DELETING", "RUNNING"),
         ("DELETING", "BUILDING"),
-        ("NO_APP_FILE", "RUNNING_APP_STARTING"),
+        ("STOPPED", "RUNNING_APP_STARTING"),
         ("BUILDING", "RUNNING"),
         ("APP_STARTING", "BUILDING"),
         ("STOPPED", "RUNNING_BUILDING"),
@@ -99,3 +99,10 @@ def test_busy_stages_are_those_with_work_under_way():
     }
     assert not stages.BUSY & {s for s in stages.ALL if stages.is_error(s)}
     assert stages.RUNNING not in stages.BUSY
+
+
+@pytest.mark.parametrize("stage", ["BUILD_ERROR", "CONFIG_ERROR", "NO_APP_FILE"])
+def test_failed_update_stages_can_roll_back_beside_the_serving_revision(stage):
+    # A failed update leaves the old revision serving: a restart or rollback starts beside it.
+    assert stages.can_move(stage, stages.RUNNING_APP_STARTING)
+    assert stages.can_move(stage, stages.RUNNING_BUILDING)
