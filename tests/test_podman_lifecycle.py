@@ -32,7 +32,8 @@ def _streamlit(text: str) -> str:
 CASES = [
     Case(
         "streamlit",
-        {"README.md": "---\nsdk: streamlit\nsdk_version: 1.40.1\n---\n", "app.py": _streamlit("v1")},
+        {"README.md": "---\nsdk: streamlit\nsdk_version: 1.40.1\n---\n",
+         "app.py": _streamlit("v1")},
         {"app.py": _streamlit("v2")},
         {"requirements.txt": "no-such-package-appliance-test==9.9\n"},
         stages.BUILD_ERROR,
