@@ -486,8 +486,15 @@ def stop(ctx: Context, space_id: str, pause: bool = False) -> dict[str, Any]:
 def start(ctx: Context, space_id: str) -> tuple[bool, dict[str, Any]]:
     """Start a stopped Space from its image; (needs_build, view) when there is none."""
     row = recover_abandoned(ctx, space_id)
+    router.ensure_router(ctx.config)
     if row["stage"] in _SERVING:
-        return False, describe(ctx, space_id)
+        state = ctx.runtime.state(row["container"]) if row["container"] else None
+        if state is not None and state.running:
+            return False, describe(ctx, space_id)
+        # Recorded as serving but its container died (a reboot, a kill): start it afresh.
+        ctx.store.update_space(space_id, container=None, backend_port=None)
+        if row["container"]:
+            ctx.runtime.remove_container(row["container"])
     if row["image"] and ctx.runtime.image_exists(row["image"]):
         ctx.store.update_space(space_id, desired="running")
         return False, start_revision(ctx, space_id, row["revision"], row["image"],

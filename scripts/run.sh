@@ -10,10 +10,10 @@ SPACE=examples/hello-gradio
 SOURCE=/opt/appliance/share/examples/hello-gradio
 field() { appliance spaces show "$SPACE" --json | python3 -c "import json,sys; print(json.load(sys.stdin)['$1'] or '')"; }
 if appliance spaces show "$SPACE" >/dev/null 2>&1; then
-  case "$(field stage)" in
-    STOPPED|PAUSED|RUNTIME_ERROR) appliance spaces start "$SPACE" >/dev/null ;;
-    *) appliance spaces update "$SPACE" --wait >/dev/null ;;
-  esac
+  # start is a no-op for a Space that runs, and revives one whose container died;
+  # update is a no-op unless the example changed.
+  appliance spaces start "$SPACE" >/dev/null || true
+  appliance spaces update "$SPACE" --wait >/dev/null
 else
   echo "==> Deploying the example Space $SPACE (the first build takes a minute or two)"
   appliance spaces add "$SOURCE" --name "$SPACE" --wait >/dev/null

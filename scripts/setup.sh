@@ -46,6 +46,7 @@ ensure_service_user() {
       while grep -qE ":$start:" "$f"; do start=$((start + 65536)); done
       echo "$SERVICE_USER:$start:65536" >> "$f"
       say "Added $SERVICE_USER:$start:65536 to $f"
+      SUBIDS_CHANGED=1
     fi
   done
 }
@@ -104,7 +105,11 @@ start_podman_service() {
     return
   fi
   say "Starting the Podman API service for $SERVICE_USER at unix://$sock"
-  as_service podman system migrate >/dev/null 2>&1 || true
+  # migrate picks up new subuid ranges, but it also stops every running container: only
+  # when the ranges changed.
+  if [ "${SUBIDS_CHANGED:-0}" = 1 ]; then
+    as_service podman system migrate >/dev/null 2>&1 || true
+  fi
   install -d -m 700 -o "$SERVICE_USER" -g "$SERVICE_USER" "/run/user/$uid/podman"
   as_service setsid nohup podman system service --time=0 "unix://$sock" \
     >"/run/user/$uid/podman/service.log" 2>&1 < /dev/null &

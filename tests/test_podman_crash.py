@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+import uuid
 
 import pytest
 import requests
@@ -17,8 +18,9 @@ from appliance.cli import cli
 pytestmark = pytest.mark.podman
 
 README = "---\ntitle: Slow\nsdk: docker\napp_port: 8080\n---\n"
-SLOW = """FROM localhost/appliance-python:3.11
-RUN echo "slow step starts" && sleep 60
+# Unique per run, so the slow step never comes from the layer cache of an earlier run.
+SLOW = f"""FROM localhost/appliance-python:3.11
+RUN echo "slow step starts {uuid.uuid4().hex}" && sleep 60
 CMD ["python3", "-m", "http.server", "8080"]
 """
 FAST = """FROM localhost/appliance-python:3.11
@@ -82,3 +84,24 @@ def test_busy_space_with_a_live_worker_is_not_taken_over(appliance_env):
         spaces.request_update(ctx, "team/busy")
     assert "busy (BUILDING)" in str(raised.value)
     spaces.delete(ctx, "team/busy")
+
+
+def test_start_revives_a_space_whose_container_and_router_died(appliance_env):
+    from appliance import router
+    from conftest import as_service
+
+    ctx, sources_dir = appliance_env
+    repo = make_space_repo(sources_dir / "revive", {"README.md": README, "Dockerfile": FAST})
+    spaces.add_space(ctx, str(repo), name="team/revive")
+    view = spaces.deploy(ctx, "team/revive")
+    assert view["stage"] == stages.RUNNING, view["error"]
+    as_service("podman", "kill", ctx.store.get_space("team/revive")["container"])
+    router.stop_router(ctx.config)
+    wait_for(lambda: router.router_pid(ctx.config) is None, 10, "the router to stop")
+    with pytest.raises(requests.RequestException):
+        requests.get(view["url"], timeout=2)
+    needs_build, view = spaces.start(ctx, "team/revive")
+    assert not needs_build and view["stage"] == stages.RUNNING, view["error"]
+    assert requests.get(view["url"], timeout=5).text.strip() == "fixed"
+    assert len(labelled("container", "team/revive")) == 1
+    spaces.delete(ctx, "team/revive")
