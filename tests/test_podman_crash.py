@@ -87,8 +87,9 @@ def test_busy_space_with_a_live_worker_is_not_taken_over(appliance_env):
 
 
 def test_start_revives_a_space_whose_container_and_router_died(appliance_env):
-    from appliance import router
     from conftest import as_service
+
+    from appliance import router
 
     ctx, sources_dir = appliance_env
     repo = make_space_repo(sources_dir / "revive", {"README.md": README, "Dockerfile": FAST})
