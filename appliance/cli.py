@@ -60,6 +60,9 @@ def _ctx(obj: dict) -> spaces.Context:
 
 
 def _actor() -> str:
+    """Name who typed the command (recorded before root becomes the service account)."""
+    if os.environ.get("APPLIANCE_ACTOR"):
+        return os.environ["APPLIANCE_ACTOR"]
     name = os.environ.get("SUDO_USER") or pwd.getpwuid(os.getuid()).pw_name
     return f"cli:{name}"
 
@@ -544,6 +547,7 @@ def drop_privileges(config: Config) -> None:
     except OSError:
         return
     cwd = os.getcwd()
+    os.environ["APPLIANCE_ACTOR"] = _actor()
     os.setgroups([])
     os.setgid(account.pw_gid)
     os.setuid(account.pw_uid)

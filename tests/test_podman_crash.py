@@ -106,3 +106,21 @@ def test_start_revives_a_space_whose_container_and_router_died(appliance_env):
     assert requests.get(view["url"], timeout=5).text.strip() == "fixed"
     assert len(labelled("container", "team/revive")) == 1
     spaces.delete(ctx, "team/revive")
+
+
+def test_runtime_starts_the_podman_api_service_when_it_is_gone(podman_ready):
+    import subprocess
+
+    from appliance.config import load_config
+    from appliance.runtime import Runtime
+
+    config = load_config({})
+    socket_path = config.podman_socket_url[len("unix://"):]
+    subprocess.run(["pkill", "-f", f"podman system service --time=0 unix://{socket_path}"],
+                   check=False)
+    wait_for(lambda: subprocess.run(["pgrep", "-f", f"system service --time=0 unix://{socket_path}"],
+                                    capture_output=True).returncode != 0, 10, "the service to stop")
+    with pytest.raises(Exception, match="Cannot reach Podman"):
+        Runtime(config.with_values(podman_autostart=False)).info()
+    info = Runtime(config).info()
+    assert info["rootless"] is True and info["version"]

@@ -186,6 +186,9 @@ def test_root_and_the_service_account_run_the_same_commands(podman_ready, tmp_pa
         shown = as_service(*[f"{k}={v}" for k, v in env.items()], appliance, "spaces", "show",
                            "ops/shared", "--json")
         assert json.loads(shown.stdout)["stage"] == stages.RUNNING
+        events = json.loads(as_service(*[f"{k}={v}" for k, v in env.items()], appliance,
+                                       "events", "--json").stdout)
+        assert {e["actor"] for e in events} == {"cli:root"}  # who typed it, not the account
         deleted = subprocess.run([appliance, "spaces", "delete", "ops/shared", "--yes"],
                                  env=env, capture_output=True, text=True, cwd="/")
         assert deleted.returncode == 0, deleted.stderr
