@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,15 +101,16 @@ def sdk_image_plan(manifest: Manifest, python_tag: str, base_image: str, config)
         packages = f'"streamlit{"==" + version if version else ""}"'
     else:  # static: only the appliance's own file server, no packages
         packages = ""
-    lines = [f"FROM {base_image}", _BUILD_ARGS, _USER_SETUP, "USER user",
+    lines = [f"FROM {base_image}", _USER_SETUP, "USER user",
              "WORKDIR /home/user/app", "RUN python3 -m venv /home/user/.venv"]
     if packages:
-        lines.append(f"RUN {mount}{env}pip install --no-cache-dir {packages}")
+        lines += [_BUILD_ARGS, f"RUN {mount}{env}pip install --no-cache-dir {packages}"]
     if sdk == "static":
         lines.append("COPY static_server.py /home/user/.static_server.py")
     context: dict[str, bytes | Path] = {}
     if sdk == "static":
         context["static_server.py"] = STATIC_SERVER.read_bytes()
+    lines.append(_label_line({"appliance.role": "sdk"}))
     context[".appliance.Containerfile"] = ("\n".join(lines) + "\n").encode()
     # The tag names what the layer holds, so a changed recipe (a new appliance release, a
     # CA bundle switched on) builds a new layer instead of reusing a stale one.
@@ -119,7 +121,6 @@ def sdk_image_plan(manifest: Manifest, python_tag: str, base_image: str, config)
     return BuildPlan(
         containerfile=".appliance.Containerfile", tag=tag, context=context,
         buildargs=build_env(config), secrets=_ca_secret(config),
-        labels={"appliance.role": "sdk"},
     )
 
 
@@ -180,7 +181,7 @@ def space_image_plan(
             secrets={k: v.encode() for k, v in secrets.items()}, labels=labels,
         )
     mount, env = _ca_mount(config)
-    lines = [f"FROM {sdk_image}", _BUILD_ARGS]
+    lines = [f"FROM {sdk_image}"]
     # Each input file is copied alone right before the step that uses it, so a code-only
     # change reuses every layer up to the final COPY.
     if (checkout / "packages.txt").is_file() and manifest.sdk != "static":
@@ -192,11 +193,14 @@ def space_image_plan(
             "&& rm -rf /var/lib/apt/lists/*",
             "USER user",
         ]
-    for name in ("pre-requirements.txt", "requirements.txt"):
-        if (checkout / name).is_file() and manifest.sdk != "static":
-            lines += [f"COPY --chown=1000:1000 {name} /tmp/{name}",
-                      f"RUN {mount}{env}pip install --no-cache-dir -r /tmp/{name}"]
-    if (checkout / "requirements.txt").is_file() and manifest.sdk in ("gradio", "streamlit"):
+    pip_inputs = [name for name in ("pre-requirements.txt", "requirements.txt")
+                  if (checkout / name).is_file() and manifest.sdk != "static"]
+    if pip_inputs:
+        lines.append(_BUILD_ARGS)
+    for name in pip_inputs:
+        lines += [f"COPY --chown=1000:1000 {name} /tmp/{name}",
+                  f"RUN {mount}{env}pip install --no-cache-dir -r /tmp/{name}"]
+    if "requirements.txt" in pip_inputs and manifest.sdk in ("gradio", "streamlit"):
         # The front matter decides the SDK version, as on Spaces, whatever requirements said.
         pin = f"=={manifest.sdk_version}" if manifest.sdk_version else ""
         extra = "[oauth]" if manifest.sdk == "gradio" else ""
@@ -217,11 +221,17 @@ def space_image_plan(
             'CMD ["python3", "/home/user/.static_server.py", "--root", "/home/user/app", '
             f'"--index", "{manifest.app_file}", "--port", "{SPACE_PORT}"]'
         )
+    # One LABEL line: labels passed to the build API become one committed step each.
+    lines.append(_label_line(labels))
     return BuildPlan(
         containerfile=".appliance.Containerfile", tag=tag,
         context={".": checkout, ".appliance.Containerfile": ("\n".join(lines) + "\n").encode()},
-        buildargs=build_env(config), secrets=_ca_secret(config), labels=labels,
+        buildargs=build_env(config), secrets=_ca_secret(config),
     )
+
+
+def _label_line(labels: dict[str, str]) -> str:
+    return "LABEL " + " ".join(f"{json.dumps(k)}={json.dumps(v)}" for k, v in labels.items())
 
 
 class BuildLog:

@@ -68,7 +68,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("space_memory_mb", 16384, "Memory limit per Space in MiB, where enforceable.", int),
     Setting("space_pids_limit", 4096, "Process limit per Space, where enforceable.", int),
     Setting(
-        "startup_poll_interval", 0.25, "Seconds between readiness probes of a new app.", float
+        "startup_poll_interval", 0.1, "Seconds between readiness probes of a new app.", float
     ),
     Setting(
         "startup_timeout_cap",

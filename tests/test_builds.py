@@ -64,8 +64,8 @@ def containerfile_lines(plan) -> list[str]:
 
 
 def cmd(lines: list[str]) -> list[str]:
-    assert lines[-1].startswith("CMD ")
-    return json.loads(lines[-1].removeprefix("CMD "))
+    assert lines[-2].startswith("CMD ") and lines[-1].startswith("LABEL ")
+    return json.loads(lines[-2].removeprefix("CMD "))
 
 
 def ca_file(tmp_path: Path) -> Path:
@@ -88,12 +88,12 @@ def test_gradio_space_installs_each_input_file_right_after_copying_it_and_copies
     lines = containerfile_lines(plan)
     assert plan.containerfile == ".appliance.Containerfile"
     assert lines[0] == f"FROM {SDK_IMAGE}"
-    assert lines[1] == "ARG PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_TRUSTED_HOST"
     steps = [
         "USER root",
         "COPY packages.txt /tmp/packages.txt",
         next(line for line in lines if line.startswith("RUN apt-get update")),
         "USER user",
+        "ARG PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_TRUSTED_HOST",
         "COPY --chown=1000:1000 pre-requirements.txt /tmp/pre-requirements.txt",
         "RUN pip install --no-cache-dir -r /tmp/pre-requirements.txt",
         "COPY --chown=1000:1000 requirements.txt /tmp/requirements.txt",
@@ -104,20 +104,18 @@ def test_gradio_space_installs_each_input_file_right_after_copying_it_and_copies
     ]
     # Consecutive line indexes: each file is copied alone right before the step using it,
     # and the whole app comes last, so a code-only change reuses every earlier layer.
-    assert [lines.index(step) for step in steps] == list(range(2, 2 + len(steps)))
-    assert len(lines) == 2 + len(steps)
+    assert [lines.index(step) for step in steps] == list(range(1, 1 + len(steps)))
+    assert len(lines) == 2 + len(steps) and lines[-1].startswith("LABEL ")
     assert "apt-get install" in steps[2] and "/tmp/packages.txt" in steps[2]
     assert plan.context["."] == tmp_path / "checkout"
 
 
 def test_gradio_space_without_packages_or_requirements_has_no_install_steps(tmp_path):
     plan = space_plan(tmp_path, "sdk: gradio\nsdk_version: 5.9.1", {"app.py": "print()\n"})
-    assert containerfile_lines(plan) == [
-        f"FROM {SDK_IMAGE}",
-        "ARG PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_TRUSTED_HOST",
-        COPY_APP,
-        'CMD ["python", "app.py"]',
-    ]
+    lines = containerfile_lines(plan)
+    # Nothing installs, so no ARG step either: a code-only change rebuilds three steps.
+    assert lines[:3] == [f"FROM {SDK_IMAGE}", COPY_APP, 'CMD ["python", "app.py"]']
+    assert len(lines) == 4 and lines[3].startswith("LABEL ")
 
 
 def test_gradio_space_with_only_requirements_skips_apt_and_pre_requirements(tmp_path):
@@ -151,8 +149,12 @@ def test_space_plan_is_tagged_and_labelled_with_its_revision(tmp_path):
     plan = space_plan(tmp_path, "sdk: gradio", {"app.py": ""},
                       cfg=config(pip_index_url="http://mirror.lan/simple"))
     assert plan.tag == f"{image_repository('alice/demo')}:{REVISION[:12]}"
-    assert plan.labels == {"appliance.space": "alice/demo", "appliance.revision": REVISION,
-                           "appliance.role": "space"}
+    # Labels are one LABEL line in the Containerfile: through the build API each label would
+    # become a step of its own, each committed.
+    assert plan.labels == {}
+    assert containerfile_lines(plan)[-1] == (
+        f'LABEL "appliance.space"="alice/demo" "appliance.revision"="{REVISION}" '
+        '"appliance.role"="space"')
     assert plan.buildargs == {"PIP_INDEX_URL": "http://mirror.lan/simple"}
 
 
@@ -176,12 +178,7 @@ def test_static_space_installs_nothing_and_serves_its_index_on_7860(tmp_path):
          "pre-requirements.txt": "pip\n", "requirements.txt": "numpy\n"},
     )
     lines = containerfile_lines(plan)
-    assert lines == [
-        f"FROM {SDK_IMAGE}",
-        "ARG PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_TRUSTED_HOST",
-        COPY_APP,
-        lines[-1],
-    ]
+    assert lines == [f"FROM {SDK_IMAGE}", COPY_APP, lines[-2], lines[-1]]
     assert cmd(lines) == ["python3", "/home/user/.static_server.py", "--root", "/home/user/app",
                           "--index", "site/home.html", "--port", "7860"]
 
@@ -219,7 +216,7 @@ def test_gradio_sdk_layer_pins_the_sdk_version():
     assert lines[0] == f"FROM {BASE_IMAGE}"
     assert 'RUN pip install --no-cache-dir "gradio[oauth]==5.9.1" spaces' in lines
     assert plan.tag.startswith("localhost/appliance-sdk:gradio-5.9.1-py3.11-")
-    assert plan.labels == {"appliance.role": "sdk"}
+    assert lines[-1] == 'LABEL "appliance.role"="sdk"'
     assert plan.secrets == {}
 
 
