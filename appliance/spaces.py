@@ -357,11 +357,13 @@ def _wait_ready(ctx: Context, name: str, port: int, manifest: Manifest) -> None:
 def _log_tail(ctx: Context, name: str) -> str:
     # conmon writes the log file asynchronously: a process that died at once may not be
     # in it yet when Podman already reports the exit.
-    deadline = time.monotonic() + 3
+    # A startup log is small: read it whole and cut it here rather than rely on the log
+    # reader's tail, which once came back empty for an app that had printed its error.
+    deadline = time.monotonic() + 5
     while True:
-        text = ctx.runtime.logs(name, tail=30).strip()
+        text = ctx.runtime.logs(name, tail=None).strip()
         if text or time.monotonic() > deadline:
-            return text or "(the app printed nothing)"
+            return "\n".join(text.splitlines()[-30:]) or "(the app printed nothing)"
         time.sleep(0.2)
 
 
