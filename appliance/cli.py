@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import pwd
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -15,8 +14,8 @@ from typing import Any
 
 import click
 
-from . import builds, doctor, router, spaces, stages
-from .config import SETTINGS, Config, load_config
+from . import builds, doctor, jobs, router, spaces, stages
+from .config import Config, load_config
 from .errors import ApplianceError, InvalidInput
 from .runtime import Runtime
 
@@ -111,31 +110,9 @@ def _wait_or_spawn(obj: dict, space_id: str, job: str, wait: bool, factory: bool
                    ) -> dict:
     ctx = _ctx(obj)
     if wait:
-        return _run_job(ctx, space_id, job, factory)
-    pid = spawn_worker(_config(obj), space_id, job, factory)
-    # The worker owns the busy stage from now on (a crash of it is then recognised).
-    ctx.store.update_space(space_id, worker_pid=pid)
+        return jobs.run_job(ctx, space_id, job, factory)
+    jobs.spawn_job(ctx, space_id, job, factory)
     return spaces.describe(ctx, space_id)
-
-
-def _run_job(ctx: spaces.Context, space_id: str, job: str, factory: bool) -> dict:
-    if job == "deploy":
-        return spaces.deploy(ctx, space_id, factory=factory)
-    raise InvalidInput(f"Unknown job {job!r}")
-
-
-def spawn_worker(config: Config, space_id: str, job: str, factory: bool) -> int:
-    """Run a job in a detached worker process (work longer than a command)."""
-    env = {**os.environ, **{f"APPLIANCE_{s.name.upper()}": str(config.values[s.name])
-                            for s in SETTINGS}}
-    command = [sys.executable, "-m", "appliance.cli", "worker", space_id, "--job", job]
-    if factory:
-        command.append("--factory")
-    log_dir = config.data_path / "run"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    with open(log_dir / "worker.log", "ab") as log:
-        return subprocess.Popen(command, env=env, cwd="/", stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=log, start_new_session=True).pid
 
 
 def _report(space: dict, as_json: bool) -> None:
@@ -515,7 +492,7 @@ def images_load(obj, archive):
 @handles_errors
 def worker_cmd(obj, space_id, job, factory):
     """Run one queued job for a Space (started in the background by other commands)."""
-    _run_job(_ctx(obj), space_id, job, factory)
+    jobs.run_job(_ctx(obj), space_id, job, factory)
 
 
 @cli.command("router")
@@ -531,6 +508,75 @@ def router_cmd(obj, stop):
         router.stop_router(config)
         return
     router.main()
+
+
+@cli.group("gpus")
+def gpus_group() -> None:
+    """NVIDIA GPUs on this box, read through NVML.
+
+    Example: appliance gpus list
+    """
+
+
+def _gpu_line(gpu: dict) -> str:
+    memory = (f"{gpu['memory_used_mib']}/{gpu['memory_total_mib']} MiB"
+              if gpu["memory_total_mib"] is not None else "memory n/a")
+    util = f"{gpu['utilization_gpu']}%" if gpu["utilization_gpu"] is not None else "n/a"
+    return (f"{gpu['index']}  {gpu['name']:<28} {gpu['uuid']:<44} {memory:<20} util {util}  "
+            f"{len(gpu['processes'])} processes")
+
+
+@gpus_group.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def gpus_list(as_json):
+    """List the GPUs with memory, utilisation and processes.
+
+    Example: appliance gpus list --json
+    """
+    from . import gpu
+
+    inventory = gpu.read_inventory().to_dict()
+    if as_json:
+        click.echo(json.dumps(inventory, indent=2, sort_keys=True))
+        return
+    if not inventory["available"]:
+        click.echo(f"No GPU: {inventory['reason']} (a CPU-only box runs CPU Spaces normally)")
+        return
+    click.echo(f"driver {inventory['driver_version']}, CUDA {inventory['cuda_version']}")
+    for line in map(_gpu_line, inventory["gpus"]):
+        click.echo(line)
+
+
+@gpus_group.command("show")
+@click.argument("index", type=int)
+@click.option("--json", "as_json", is_flag=True)
+@handles_errors
+def gpus_show(index, as_json):
+    """Show one GPU in full (MIG devices, processes, readings).
+
+    Example: appliance gpus show 0
+    """
+    from . import gpu
+
+    inventory = gpu.read_inventory().to_dict()
+    found = [g for g in inventory["gpus"] if g["index"] == index]
+    if not found:
+        from .errors import NotFound
+
+        raise NotFound(f"No GPU with index {index}", hint="see 'appliance gpus list'")
+    _emit(found[0], as_json, lambda g: json.dumps(g, indent=2, sort_keys=True))
+
+
+@cli.command("scheduler")
+@click.pass_obj
+def scheduler_cmd(obj):
+    """Run the scheduler in the foreground: reconcile Podman with the database on a schedule.
+
+    Example: appliance scheduler
+    """
+    from . import scheduler
+
+    scheduler.run(_config(obj))
 
 
 def drop_privileges(config: Config) -> None:

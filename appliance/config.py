@@ -76,7 +76,8 @@ SETTINGS: tuple[Setting, ...] = (
         "Upper bound in seconds on a Space's startup_duration_timeout (0: no cap).",
         int,
     ),
-    Setting("keep_images", 2, "Images kept per Space (current plus rollback targets).", int),
+    Setting("reconcile_interval", 5.0, "Seconds between reconcile passes of the scheduler.",
+            float),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}

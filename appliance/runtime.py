@@ -375,6 +375,11 @@ class Runtime:
             for c in found
         ]
 
+    def labelled_images(self) -> dict[str, str]:
+        """Map the id of every image labelled with a Space to that Space's id."""
+        return {image.id: image.labels.get(LABEL_SPACE, "")
+                for image in self._list_images({"label": LABEL_SPACE})}
+
     def images_of(self, space_id: str) -> dict[str, list[str]]:
         """Map the id of each image labelled with the Space to its tags (maybe none)."""
         found = self._list_images({"label": f"{LABEL_SPACE}={space_id}"})

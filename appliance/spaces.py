@@ -32,7 +32,7 @@ from .store import Store, open_store
 
 HF_CACHE_VOLUME = "appliance-hf-cache"
 _KEY = "[A-Za-z_][A-Za-z0-9_]{0,127}"
-_SERVING = {stages.RUNNING, stages.RUNNING_BUILDING, stages.RUNNING_APP_STARTING}
+SERVING = {stages.RUNNING, stages.RUNNING_BUILDING, stages.RUNNING_APP_STARTING}
 
 
 @dataclass
@@ -155,7 +155,7 @@ def deploy(ctx: Context, space_id: str, factory: bool = False) -> dict[str, Any]
     """
     ctx.store.update_space(space_id, worker_pid=os.getpid())
     row = ctx.store.get_space(space_id)
-    serving = row["stage"] in _SERVING or bool(row["backend_port"] and row["container"])
+    serving = row["stage"] in SERVING or bool(row["backend_port"] and row["container"])
     checkouts, logs = _paths(ctx, space_id)
     log_path = logs / f"build-{int(time.time() * 1000)}.log"
     build_id = ctx.store.start_build(space_id, factory, log_path)
@@ -390,6 +390,12 @@ def _process_alive(pid: int | None) -> bool:
     return True
 
 
+def worker_alive(row: dict[str, Any]) -> bool:
+    """Tell whether another live process (a worker) owns the Space right now."""
+    pid = row["worker_pid"]
+    return bool(pid) and pid != os.getpid() and _process_alive(pid)
+
+
 def recover_abandoned(ctx: Context, space_id: str) -> dict[str, Any]:
     """Settle a Space left busy by a process that died (a crash, a kill -9, a reboot).
 
@@ -489,7 +495,7 @@ def start(ctx: Context, space_id: str) -> tuple[bool, dict[str, Any]]:
     """Start a stopped Space from its image; (needs_build, view) when there is none."""
     row = recover_abandoned(ctx, space_id)
     router.ensure_router(ctx.config)
-    if row["stage"] in _SERVING:
+    if row["stage"] in SERVING:
         state = ctx.runtime.state(row["container"]) if row["container"] else None
         if state is not None and state.running:
             return False, describe(ctx, space_id)

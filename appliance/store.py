@@ -199,8 +199,9 @@ class Store:
             if row["stage"] != new:
                 stages.check_move(space_id, row["stage"], new)
             values = {**fields, "stage": new, "updated_at": now()}
-            if new in stages.BUSY:
-                values.setdefault("worker_pid", os.getpid())
+            # worker_pid names the owner of a busy stage only: set on the way in, cleared
+            # on the way out (a live process that once deployed owns nothing afterwards).
+            values.setdefault("worker_pid", os.getpid() if new in stages.BUSY else None)
             sets = ", ".join(f"[{k}] = ?" for k in values)
             placeholders = ", ".join("?" for _ in allowed)
             cursor = self.db.execute(

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 import appliance.cli as cli_module
-from appliance import doctor
+from appliance import doctor, jobs
 from appliance.cli import cli
 
 FORMS_HINT = (
@@ -50,8 +50,8 @@ def runner(tmp_path, allowed):
 def spawned(monkeypatch):
     """Record the workers commands would start instead of starting them."""
     calls = []
-    monkeypatch.setattr(cli_module, "spawn_worker",
-                        lambda config, space_id, job, factory: calls.append((space_id, job)))
+    monkeypatch.setattr(jobs, "spawn_job",
+                        lambda ctx, space_id, job, factory=False: calls.append((space_id, job)))
     return calls
 
 

@@ -85,9 +85,9 @@ def test_keyword_overrides_win_over_the_environment(no_file):
 
 def test_with_values_returns_a_new_config_and_coerces(no_file):
     config = load_config(no_file)
-    changed = config.with_values(keep_images="5", podman_autostart="off")
-    assert (changed.keep_images, changed.podman_autostart) == (5, False)
-    assert (config.keep_images, config.podman_autostart) == (2, True)
+    changed = config.with_values(max_checkout_mb="5", podman_autostart="off")
+    assert (changed.max_checkout_mb, changed.podman_autostart) == (5, False)
+    assert (config.max_checkout_mb, config.podman_autostart) == (2048, True)
 
 
 @pytest.mark.parametrize(
@@ -126,8 +126,8 @@ def test_config_file_with_an_unknown_key_is_refused_naming_it(tmp_path):
 
 
 def test_config_file_with_a_bad_value_is_refused_naming_the_setting(tmp_path):
-    env = write_config(tmp_path, 'keep_images = "many"\n')
-    with pytest.raises(InvalidInput, match="Setting keep_images must be int, got 'many'"):
+    env = write_config(tmp_path, 'max_checkout_mb = "many"\n')
+    with pytest.raises(InvalidInput, match="Setting max_checkout_mb must be int, got 'many'"):
         load_config(env)
 
 

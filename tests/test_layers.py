@@ -21,10 +21,13 @@ LAYERS = {
     "spaces": "service",
     "builds": "service",
     "doctor": "service",
+    "jobs": "service",
+    "reconcile": "service",
     "store": "adapter",
     "runtime": "adapter",
     "sources": "adapter",
     "host": "adapter",
+    "gpu": "adapter",
     "router": "adapter",
     "manifest": "adapter",
     "config": "adapter",
@@ -240,6 +243,10 @@ def test_store_and_runtime_are_the_ones_wrapping_sqlite_utils_and_podman():
     trees = modules()
     assert "sqlite_utils" in third_party_imports(trees["store"])
     assert "podman" in third_party_imports(trees["runtime"])
+
+
+def test_gpu_is_the_one_wrapping_pynvml():
+    assert "pynvml" in third_party_imports(modules()["gpu"])
 
 
 def test_only_sources_runs_git():

@@ -1,0 +1,89 @@
+"""Reconcile: make what Podman runs match what the database says should run, in one pass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import jobs, router, spaces, stages
+from .errors import ApplianceError
+from .runtime import LABEL_SPACE
+
+
+@dataclass
+class ReconcileReport:
+    """What one pass did, for the scheduler's log and the tests."""
+
+    recovered: list[str] = field(default_factory=list)
+    restarting: list[str] = field(default_factory=list)
+    removed_containers: list[str] = field(default_factory=list)
+    removed_images: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.recovered or self.restarting or self.removed_containers
+                    or self.removed_images)
+
+
+def reconcile_once(ctx: spaces.Context, spawn=jobs.spawn_job) -> ReconcileReport:
+    """Compare desired state with Podman once and act; never blocks on an app's start.
+
+    - a Space left busy by a dead process is settled (then retried by the next command);
+    - a Space that should serve but whose container is gone or dead is restarted by a worker;
+    - a stopped or paused Space has no container left running;
+    - containers of a Space other than the one serving it (an interrupted switch) are removed
+      unless work on the Space is under way;
+    - containers and images labelled by the appliance that no Space owns are removed.
+    """
+    report = ReconcileReport()
+    rows = {row["id"]: row for row in ctx.store.list_spaces()}
+    router.ensure_router(ctx.config)
+    containers = ctx.runtime.containers()
+    by_space: dict[str, list] = {}
+    for container in containers:
+        owner = container.labels.get(LABEL_SPACE)
+        if owner not in rows:
+            ctx.runtime.remove_container(container.name)
+            report.removed_containers.append(container.name)
+        else:
+            by_space.setdefault(owner, []).append(container)
+    for space_id, row in rows.items():
+        try:
+            _reconcile_space(ctx, row, by_space.get(space_id, []), report, spawn)
+        except ApplianceError as exc:  # one Space's trouble never stops the others' pass
+            report.errors.append(f"{space_id}: {exc.message}")
+    for image_id, owner in ctx.runtime.labelled_images().items():
+        if owner not in rows:
+            ctx.runtime.remove_image(image_id, force=True)
+            report.removed_images.append(image_id)
+    return report
+
+
+def _reconcile_space(ctx: spaces.Context, row: dict, containers: list,
+                     report: ReconcileReport, spawn) -> None:
+    space_id = row["id"]
+    if spaces.worker_alive(row):
+        return  # a worker owns it: leave its containers and stage alone
+    if row["stage"] in stages.BUSY and row["stage"] != stages.DELETING:
+        row = spaces.recover_abandoned(ctx, space_id)
+        if row["stage"] in stages.BUSY:
+            return  # still owned by a live process (this one)
+        report.recovered.append(space_id)
+    if row["stage"] == stages.DELETING:
+        spaces.delete(ctx, space_id)  # a delete interrupted half-way: finish it
+        return
+    serving = row["container"] if row["desired"] == "running" else None
+    for container in containers:
+        if container.name != serving:
+            ctx.runtime.remove_container(container.name)
+            report.removed_containers.append(container.name)
+    if row["desired"] != "running" or not row["image"]:
+        return
+    current = next((c for c in containers if c.name == serving), None)
+    # A recorded container means a revision should be serving, whatever a failed update
+    # wrote into the stage; RUNTIME_ERROR has none (it waits for a person).
+    should_serve = bool(row["container"]) or row["stage"] in spaces.SERVING
+    if should_serve and (current is None or not current.running):
+        spawn(ctx, space_id, "start")
+        report.restarting.append(space_id)
+

@@ -1,0 +1,61 @@
+"""The scheduler process: APScheduler wired to the one-step jobs (never inside web workers)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from datetime import UTC, datetime
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.blocking import BlockingScheduler
+
+from . import reconcile, router, spaces
+from .config import Config
+from .errors import ApplianceError
+
+log = logging.getLogger("appliance.scheduler")
+
+
+def reconcile_job(config: Config) -> None:
+    """Run one reconcile pass with a fresh context (its own database handle)."""
+    ctx = spaces.open_context(config, actor="scheduler")
+    try:
+        report = reconcile.reconcile_once(ctx)
+        if report.changed or report.errors:
+            log.info("reconcile: %s", report)
+    except ApplianceError as exc:
+        log.warning("reconcile failed: %s", exc)
+    finally:
+        ctx.store.close()
+
+
+def build_scheduler(config: Config) -> BlockingScheduler:
+    """Make the scheduler with every job; one worker thread each, no overlapping runs."""
+    scheduler = BlockingScheduler(executors={"default": ThreadPoolExecutor(1)},
+                                  job_defaults={"coalesce": True, "max_instances": 1})
+    scheduler.add_job(reconcile_job, "interval", args=[config], id="reconcile",
+                      seconds=config.reconcile_interval, next_run_time=_now())
+    return scheduler
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def run(config: Config) -> None:
+    """Run until SIGTERM/SIGINT; the step under way finishes before the process exits."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)  # a line per run is noise
+    router.ensure_router(config)
+    scheduler = build_scheduler(config)
+
+    def stop(signum, frame):
+        # shutdown() waits for the running step; call it off the signal handler's frame.
+        threading.Thread(target=scheduler.shutdown, kwargs={"wait": True}).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("scheduler started: reconcile every %s s", config.reconcile_interval)
+    scheduler.start()
+    log.info("scheduler stopped")
