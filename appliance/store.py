@@ -132,6 +132,19 @@ class Store:
         else:
             conn.execute("COMMIT")
 
+    def backup(self, destination: Path) -> None:
+        """Copy the live database with SQLite's online backup API (never a file copy)."""
+        destination = Path(destination)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        partial = destination.with_name(destination.name + ".partial")
+        target = sqlite3.connect(str(partial))
+        try:
+            self.db.conn.backup(target)
+        finally:
+            target.close()
+        os.chmod(partial, 0o600)
+        os.replace(partial, destination)  # a backup is whole or absent, never half-written
+
     def integrity_ok(self) -> bool:
         return self.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
