@@ -11,7 +11,7 @@ from . import spaces
 from .config import SETTINGS, Config
 from .errors import InvalidInput
 
-JOBS = ("deploy", "start")
+JOBS = ("deploy", "start", "restart")
 
 
 def run_job(ctx: spaces.Context, space_id: str, job: str, factory: bool = False
@@ -22,6 +22,8 @@ def run_job(ctx: spaces.Context, space_id: str, job: str, factory: bool = False
     if job == "start":
         needs_build, view = spaces.start(ctx, space_id)
         return spaces.deploy(ctx, space_id) if needs_build else view
+    if job == "restart":
+        return spaces.restart(ctx, space_id)
     raise InvalidInput(f"Unknown job {job!r}", hint=f"jobs are {', '.join(JOBS)}")
 
 

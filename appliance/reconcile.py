@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
-from . import jobs, router, spaces, stages
+from . import health, jobs, router, spaces, stages
 from .errors import ApplianceError
 from .runtime import LABEL_SPACE
 
@@ -17,15 +18,17 @@ class ReconcileReport:
     restarting: list[str] = field(default_factory=list)
     removed_containers: list[str] = field(default_factory=list)
     removed_images: list[str] = field(default_factory=list)
+    gave_up: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
     @property
     def changed(self) -> bool:
         return bool(self.recovered or self.restarting or self.removed_containers
-                    or self.removed_images)
+                    or self.removed_images or self.gave_up)
 
 
-def reconcile_once(ctx: spaces.Context, spawn=jobs.spawn_job) -> ReconcileReport:
+def reconcile_once(ctx: spaces.Context, spawn=jobs.spawn_job,
+                   now: float | None = None) -> ReconcileReport:
     """Compare desired state with Podman once and act; never blocks on an app's start.
 
     - a Space left busy by a dead process is settled (then retried by the next command);
@@ -36,6 +39,7 @@ def reconcile_once(ctx: spaces.Context, spawn=jobs.spawn_job) -> ReconcileReport
     - containers and images labelled by the appliance that no Space owns are removed.
     """
     report = ReconcileReport()
+    now = time.time() if now is None else now
     rows = {row["id"]: row for row in ctx.store.list_spaces()}
     router.ensure_router(ctx.config)
     containers = ctx.runtime.containers()
@@ -49,7 +53,7 @@ def reconcile_once(ctx: spaces.Context, spawn=jobs.spawn_job) -> ReconcileReport
             by_space.setdefault(owner, []).append(container)
     for space_id, row in rows.items():
         try:
-            _reconcile_space(ctx, row, by_space.get(space_id, []), report, spawn)
+            _reconcile_space(ctx, row, by_space.get(space_id, []), report, spawn, now)
         except ApplianceError as exc:  # one Space's trouble never stops the others' pass
             report.errors.append(f"{space_id}: {exc.message}")
     for image_id, owner in ctx.runtime.labelled_images().items():
@@ -60,7 +64,7 @@ def reconcile_once(ctx: spaces.Context, spawn=jobs.spawn_job) -> ReconcileReport
 
 
 def _reconcile_space(ctx: spaces.Context, row: dict, containers: list,
-                     report: ReconcileReport, spawn) -> None:
+                     report: ReconcileReport, spawn, now: float) -> None:
     space_id = row["id"]
     if spaces.worker_alive(row):
         return  # a worker owns it: leave its containers and stage alone
@@ -78,12 +82,18 @@ def _reconcile_space(ctx: spaces.Context, row: dict, containers: list,
             ctx.runtime.remove_container(container.name)
             report.removed_containers.append(container.name)
     if row["desired"] != "running" or not row["image"]:
-        return
+        return  # stopped, paused, or given up on ("failed") until a person acts
     current = next((c for c in containers if c.name == serving), None)
     # A recorded container means a revision should be serving, whatever a failed update
-    # wrote into the stage; RUNTIME_ERROR has none (it waits for a person).
+    # wrote into the stage. A RUNTIME_ERROR reached during automatic restarts is retried
+    # under the same backoff; one that a first start or a person's action led to waits.
     should_serve = bool(row["container"]) or row["stage"] in spaces.SERVING
-    if should_serve and (current is None or not current.running):
-        spawn(ctx, space_id, "start")
-        report.restarting.append(space_id)
+    retrying = row["stage"] == stages.RUNTIME_ERROR and row["restarts"] not in (None, "[]")
+    if (should_serve and (current is None or not current.running)) or retrying:
+        reason = "the app did not start" if retrying else "the container exited"
+        outcome = health.restart_or_give_up(ctx, row, reason, "start", now, spawn)
+        if outcome == "restarting":
+            report.restarting.append(space_id)
+        elif outcome == "gave_up":
+            report.gave_up.append(space_id)
 

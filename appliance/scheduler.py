@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.blocking import BlockingScheduler
 
-from . import reconcile, router, spaces
+from . import health, reconcile, router, spaces
 from .config import Config
 from .errors import ApplianceError
 
@@ -30,12 +30,29 @@ def reconcile_job(config: Config) -> None:
         ctx.store.close()
 
 
+def health_job(config: Config) -> None:
+    """Run one health sweep with a fresh context."""
+    ctx = spaces.open_context(config, actor="scheduler")
+    try:
+        report = health.health_sweep_once(ctx)
+        if report.unhealthy:
+            log.info("health: %s", report)
+    except ApplianceError as exc:
+        log.warning("health sweep failed: %s", exc)
+    finally:
+        ctx.store.close()
+
+
 def build_scheduler(config: Config) -> BlockingScheduler:
     """Make the scheduler with every job; one worker thread each, no overlapping runs."""
-    scheduler = BlockingScheduler(executors={"default": ThreadPoolExecutor(1)},
+    # One thread per job: a slow reconcile pass never delays the health sweep, and the same
+    # job never overlaps itself.
+    scheduler = BlockingScheduler(executors={"default": ThreadPoolExecutor(4)},
                                   job_defaults={"coalesce": True, "max_instances": 1})
     scheduler.add_job(reconcile_job, "interval", args=[config], id="reconcile",
                       seconds=config.reconcile_interval, next_run_time=_now())
+    scheduler.add_job(health_job, "interval", args=[config], id="health",
+                      seconds=config.health_interval)
     return scheduler
 
 
@@ -56,6 +73,7 @@ def run(config: Config) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    log.info("scheduler started: reconcile every %s s", config.reconcile_interval)
+    log.info("scheduler started: reconcile every %s s, health every %s s",
+             config.reconcile_interval, config.health_interval)
     scheduler.start()
     log.info("scheduler stopped")

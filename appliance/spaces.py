@@ -450,12 +450,20 @@ def request_update(ctx: Context, space_id: str, factory: bool = False,
 def restart(ctx: Context, space_id: str) -> dict[str, Any]:
     """Start a fresh container of the current image beside the old one, then switch."""
     row = recover_abandoned(ctx, space_id)
+    _forget_automatic_restarts(ctx, row)
     if row["stage"] in stages.BUSY:
         raise Conflict(f"Space {space_id} is busy ({row['stage']})")
     if not row["image"] or not ctx.runtime.image_exists(row["image"]):
         raise Conflict(f"Space {space_id} has no built image to restart",
                        hint=f"rebuild it with 'appliance spaces restart {space_id} --factory'")
     return start_revision(ctx, space_id, row["revision"], row["image"], _manifest(row))
+
+
+def _forget_automatic_restarts(ctx: Context, row: dict[str, Any]) -> None:
+    # A person acting on the Space starts its restart budget afresh; the scheduler's own
+    # restarts (actor "scheduler") keep counting towards giving up.
+    if ctx.actor != "scheduler" and row["restarts"] not in (None, "[]"):
+        ctx.store.update_space(row["id"], restarts="[]", health_failures=0)
 
 
 def rollback(ctx: Context, space_id: str) -> dict[str, Any]:
@@ -494,6 +502,7 @@ def stop(ctx: Context, space_id: str, pause: bool = False) -> dict[str, Any]:
 def start(ctx: Context, space_id: str) -> tuple[bool, dict[str, Any]]:
     """Start a stopped Space from its image; (needs_build, view) when there is none."""
     row = recover_abandoned(ctx, space_id)
+    _forget_automatic_restarts(ctx, row)
     router.ensure_router(ctx.config)
     if row["stage"] in SERVING:
         state = ctx.runtime.state(row["container"]) if row["container"] else None

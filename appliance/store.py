@@ -68,11 +68,20 @@ def _m002_worker_pid(db: sqlite_utils.Database) -> None:
     db["spaces"].add_column("worker_pid", int)
 
 
+def _m003_health(db: sqlite_utils.Database) -> None:
+    # Restarts the scheduler made (JSON list of times, for backoff and the give-up window)
+    # and the health check's consecutive failures.
+    db["spaces"].add_column("restarts", str, not_null_default="[]")
+    db["spaces"].add_column("health_failures", int, not_null_default=0)
+    db["spaces"].add_column("health_checked_at", str)
+
+
 # Named migrations, applied in order and recorded in the migrations table. Never edit one
 # that has shipped; append a new one.
 MIGRATIONS: tuple[tuple[str, Callable[[sqlite_utils.Database], None]], ...] = (
     ("001_initial", _m001_initial),
     ("002_worker_pid", _m002_worker_pid),
+    ("003_health", _m003_health),
 )
 
 

@@ -23,6 +23,8 @@ LAYERS = {
     "doctor": "service",
     "jobs": "service",
     "reconcile": "service",
+    "housekeeping": "service",
+    "health": "service",
     "store": "adapter",
     "runtime": "adapter",
     "sources": "adapter",

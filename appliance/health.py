@@ -1,0 +1,116 @@
+"""Health checks from the host side, and the automatic-restart policy reconcile shares.
+
+A Space is probed over HTTP at its base_path on the port its container publishes (no curl
+needed in the image). Probes run side by side with a timeout, so one hung Space never delays
+the others' checks. A Space that fails `health_attempts` probes in a row, or whose container
+died, is restarted with exponential backoff; after `restart_limit` automatic restarts within
+`restart_window` it lands in RUNTIME_ERROR with the log tail and is left for a person.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import requests
+
+from . import jobs, spaces, stages
+
+GAVE_UP = "failed"  # `desired` once the appliance stopped restarting a Space by itself
+
+
+@dataclass
+class HealthReport:
+    healthy: list[str] = field(default_factory=list)
+    unhealthy: list[str] = field(default_factory=list)
+    restarting: list[str] = field(default_factory=list)
+    waiting: list[str] = field(default_factory=list)
+    gave_up: list[str] = field(default_factory=list)
+
+
+def probe(url: str, timeout: float) -> str | None:
+    """Return None when the app answers below HTTP 500, else what went wrong."""
+    try:
+        response = requests.get(url, timeout=timeout, allow_redirects=False)
+    except requests.Timeout:
+        return f"no answer within {timeout:g} s"
+    except requests.RequestException as exc:
+        return f"no answer ({exc.__class__.__name__})"
+    return f"answered HTTP {response.status_code}" if response.status_code >= 500 else None
+
+
+def _probe_url(row: dict[str, Any]) -> str:
+    base_path = json.loads(row["manifest"] or "{}").get("base_path") or "/"
+    return f"http://127.0.0.1:{row['backend_port']}{base_path}"
+
+
+def restart_or_give_up(ctx: spaces.Context, row: dict[str, Any], reason: str, job: str,
+                       now: float, spawn=jobs.spawn_job) -> str:
+    """Restart a failing Space when its backoff allows; give up after too many restarts.
+
+    Returns "restarting", "waiting" (backoff not over) or "gave_up".
+    """
+    config = ctx.config
+    recent = [t for t in json.loads(row["restarts"] or "[]") if now - t < config.restart_window]
+    if len(recent) >= config.restart_limit:
+        _give_up(ctx, row, reason, len(recent))
+        return "gave_up"
+    if recent and now - recent[-1] < config.restart_backoff * 2 ** (len(recent) - 1):
+        return "waiting"
+    ctx.store.update_space(row["id"], actor=ctx.actor, event="auto-restart",
+                           detail={"reason": reason, "attempt": len(recent) + 1},
+                           restarts=json.dumps(recent + [now]), health_failures=0)
+    spawn(ctx, row["id"], job)
+    return "restarting"
+
+
+def _give_up(ctx: spaces.Context, row: dict[str, Any], reason: str, count: int) -> None:
+    tail = ctx.runtime.logs(row["container"], tail=30).strip() if row["container"] else ""
+    minutes = ctx.config.restart_window / 60
+    message = (f"{reason}; restarted {count} times in {minutes:g} minutes, so the appliance "
+               f"stopped restarting it. Fix the app, then 'appliance spaces restart "
+               f"{row['id']}'" + (f"\n--- last lines of the app log ---\n{tail}" if tail else ""))
+    if row["container"]:
+        ctx.runtime.remove_container(row["container"])
+    ctx.store.move(row["id"], row["stage"], stages.RUNTIME_ERROR, ctx.actor, event="gave-up",
+                   detail={"reason": reason, "restarts": count}, error=message,
+                   container=None, backend_port=None, desired=GAVE_UP, restarts="[]")
+
+
+def health_sweep_once(ctx: spaces.Context, now: float | None = None,
+                      spawn=jobs.spawn_job) -> HealthReport:
+    """Probe every running Space once (side by side) and act on repeated failures."""
+    now = time.time() if now is None else now
+    report = HealthReport()
+    rows = [row for row in ctx.store.list_spaces()
+            if row["stage"] == stages.RUNNING and row["backend_port"] and row["container"]
+            and not spaces.worker_alive(row)]
+    if not rows:
+        return report
+    timeout = ctx.config.health_timeout
+    with ThreadPoolExecutor(max_workers=min(16, len(rows))) as pool:
+        problems = list(pool.map(lambda r: probe(_probe_url(r), timeout), rows))
+    checked_at = datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds")
+    for row, problem in zip(rows, problems, strict=True):
+        if problem is None:
+            report.healthy.append(row["id"])
+            if row["health_failures"]:
+                ctx.store.update_space(row["id"], health_failures=0,
+                                       health_checked_at=checked_at)
+            continue
+        report.unhealthy.append(row["id"])
+        failures = row["health_failures"] + 1
+        ctx.store.update_space(row["id"], health_failures=failures,
+                               health_checked_at=checked_at)
+        if failures >= ctx.config.health_attempts:
+            row = ctx.store.get_space(row["id"])
+            outcome = restart_or_give_up(
+                ctx, row, f"health check failed {failures} times ({problem})", "restart", now,
+                spawn)
+            getattr(report, {"restarting": "restarting", "waiting": "waiting",
+                             "gave_up": "gave_up"}[outcome]).append(row["id"])
+    return report
