@@ -23,6 +23,7 @@ LAYERS = {
     "doctor": "service",
     "jobs": "service",
     "reconcile": "service",
+    "allocation": "service",
     "housekeeping": "service",
     "health": "service",
     "store": "adapter",
