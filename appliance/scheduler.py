@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.blocking import BlockingScheduler
 
-from . import health, reconcile, router, spaces
+from . import health, housekeeping, reconcile, router, spaces
 from .config import Config
 from .errors import ApplianceError
 
@@ -43,16 +43,48 @@ def health_job(config: Config) -> None:
         ctx.store.close()
 
 
+# Housekeeping steps by job id; each returns a report with .changed and .errors.
+HOUSEKEEPING = {
+    "backup": housekeeping.backup_once,
+    "rotate-logs": housekeeping.rotate_logs_once,
+    "prune": housekeeping.prune_once,
+    "disk": housekeeping.check_disk_once,
+}
+
+
+def housekeeping_job(config: Config, name: str) -> None:
+    """Run one housekeeping step (backup, rotate-logs, prune, disk) with a fresh context."""
+    ctx = spaces.open_context(config, actor="scheduler")
+    try:
+        report = HOUSEKEEPING[name](ctx)
+        if report.errors:
+            log.warning("%s: %s", name, report)
+        elif report.changed:
+            log.info("%s: %s", name, report)
+    except ApplianceError as exc:
+        log.warning("%s failed: %s", name, exc)
+    finally:
+        ctx.store.close()
+
+
 def build_scheduler(config: Config) -> BlockingScheduler:
     """Make the scheduler with every job; one worker thread each, no overlapping runs."""
     # One thread per job: a slow reconcile pass never delays the health sweep, and the same
     # job never overlaps itself.
-    scheduler = BlockingScheduler(executors={"default": ThreadPoolExecutor(4)},
+    scheduler = BlockingScheduler(executors={"default": ThreadPoolExecutor(6)},
                                   job_defaults={"coalesce": True, "max_instances": 1})
     scheduler.add_job(reconcile_job, "interval", args=[config], id="reconcile",
                       seconds=config.reconcile_interval, next_run_time=_now())
     scheduler.add_job(health_job, "interval", args=[config], id="health",
                       seconds=config.health_interval)
+    scheduler.add_job(housekeeping_job, "interval", args=[config, "backup"], id="backup",
+                      seconds=config.backup_interval,
+                      next_run_time=housekeeping.next_backup_at(config))
+    for name, seconds in (("rotate-logs", config.housekeeping_interval),
+                          ("prune", config.housekeeping_interval),
+                          ("disk", config.disk_check_interval)):
+        scheduler.add_job(housekeeping_job, "interval", args=[config, name], id=name,
+                          seconds=seconds, next_run_time=_now())
     return scheduler
 
 

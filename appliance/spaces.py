@@ -15,7 +15,7 @@ from typing import Any
 
 import requests
 
-from . import builds, router, sources, stages
+from . import builds, housekeeping, router, sources, stages
 from .config import Config
 from .errors import (
     ApplianceError,
@@ -142,7 +142,8 @@ def _port_free(port: int) -> bool:
 # -- building and switching -------------------------------------------------------------------
 
 
-def _paths(ctx: Context, space_id: str) -> tuple[Path, Path]:
+def space_paths(ctx: Context, space_id: str) -> tuple[Path, Path]:
+    """Return the Space's checkouts and logs directories under the data dir."""
     slug = builds.image_repository(space_id).split("/", 1)[1]
     return ctx.config.data_path / "checkouts" / slug, ctx.config.data_path / "logs" / slug
 
@@ -156,13 +157,14 @@ def deploy(ctx: Context, space_id: str, factory: bool = False) -> dict[str, Any]
     ctx.store.update_space(space_id, worker_pid=os.getpid())
     row = ctx.store.get_space(space_id)
     serving = row["stage"] in SERVING or bool(row["backend_port"] and row["container"])
-    checkouts, logs = _paths(ctx, space_id)
+    checkouts, logs = space_paths(ctx, space_id)
     log_path = logs / f"build-{int(time.time() * 1000)}.log"
     build_id = ctx.store.start_build(space_id, factory, log_path)
     log = builds.BuildLog(log_path, list(ctx.store.kv("secrets", space_id).values()))
     manifest: Manifest | None = None
     checkout = checkouts
     try:
+        housekeeping.assert_room_for_build(ctx.config)
         source = sources.parse_source(row["source"], ctx.config)
         checkouts.mkdir(parents=True, exist_ok=True)
         staging = checkouts / f".incoming-{pysecrets.token_hex(4)}"
@@ -474,7 +476,7 @@ def rollback(ctx: Context, space_id: str) -> dict[str, Any]:
     if not row["previous_image"] or not ctx.runtime.image_exists(row["previous_image"]):
         raise NotFound(f"Space {space_id} has no earlier revision to roll back to",
                        hint="a rollback needs an update that succeeded before")
-    checkout = _paths(ctx, space_id)[0] / row["previous_revision"]
+    checkout = space_paths(ctx, space_id)[0] / row["previous_revision"]
     manifest = load_manifest(checkout) if checkout.is_dir() else _manifest(row)
     ctx.store.add_event(space_id, "rollback", ctx.actor, {"to": row["previous_revision"]})
     return start_revision(ctx, space_id, row["previous_revision"], row["previous_image"],
@@ -531,7 +533,7 @@ def delete(ctx: Context, space_id: str, keep_data: bool = False) -> None:
         ctx.runtime.remove_image(image_id, force=True)
     if not keep_data:
         ctx.runtime.remove_volume(data_volume(space_id))
-    for path in _paths(ctx, space_id):
+    for path in space_paths(ctx, space_id):
         shutil.rmtree(path, ignore_errors=True)
     ctx.store.delete_space_rows(space_id, ctx.actor)
 
