@@ -76,12 +76,28 @@ def _m003_health(db: sqlite_utils.Database) -> None:
     db["spaces"].add_column("health_checked_at", str)
 
 
+def _m004_policies(db: sqlite_utils.Database) -> None:
+    # Sleep: seconds idle before sleeping (NULL: never), the router's last proxied request,
+    # and a wake asked for by a request while asleep. Updates: the policy ("manual", "track"
+    # a branch every update_interval seconds, or "pinned"), when it last looked, and the
+    # commit that failed (never retried in a loop).
+    table = db["spaces"]
+    table.add_column("sleep_after", int)
+    table.add_column("last_request_at", str)
+    table.add_column("wake_requested_at", str)
+    table.add_column("update_policy", str, not_null_default="manual")
+    table.add_column("update_interval", int, not_null_default=3600)
+    table.add_column("last_update_check", str)
+    table.add_column("failed_revision", str)
+
+
 # Named migrations, applied in order and recorded in the migrations table. Never edit one
 # that has shipped; append a new one.
 MIGRATIONS: tuple[tuple[str, Callable[[sqlite_utils.Database], None]], ...] = (
     ("001_initial", _m001_initial),
     ("002_worker_pid", _m002_worker_pid),
     ("003_health", _m003_health),
+    ("004_policies", _m004_policies),
 )
 
 
