@@ -321,6 +321,28 @@ def spaces_start(obj, space_id, wait, as_json):
     _report(space, as_json)
 
 
+@spaces_group.command("sleep-time")
+@click.argument("space_id")
+@click.argument("seconds")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+@handles_errors
+def spaces_sleep_time(obj, space_id, seconds, as_json):
+    """Sleep after SECONDS without a request (the next request wakes it), or 'never'.
+
+    Example: appliance spaces sleep-time owner/name 3600
+    """
+    from . import sleep
+
+    if seconds == "never":
+        value = None
+    elif seconds.isdigit():
+        value = int(seconds)
+    else:
+        raise InvalidInput(f"Sleep time must be a number of seconds or 'never', got {seconds!r}")
+    _emit(sleep.set_sleep_time(_ctx(obj), space_id, value), as_json, _space_text)
+
+
 @spaces_group.command("delete")
 @click.argument("space_id")
 @click.option("--keep-data", is_flag=True, help="Keep the Space's /data volume.")

@@ -78,6 +78,8 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("reconcile_interval", 5.0, "Seconds between reconcile passes of the scheduler.",
             float),
+    Setting("wake_interval", 1.0, "Seconds between checks for idle Spaces and wake requests.",
+            float),
     Setting("health_interval", 10.0, "Seconds between health sweeps of running Spaces.", float),
     Setting("health_timeout", 5.0, "Seconds a health probe may take.", float),
     Setting("health_attempts", 3, "Failed probes in a row before a Space is restarted.", int),
@@ -98,6 +100,11 @@ SETTINGS: tuple[Setting, ...] = (
             float),
     Setting("disk_refuse_builds_gb", 2.0,
             "Free GiB in data_dir below which builds are refused (0: never).", float),
+    Setting("update_check_interval", 60.0,
+            "Seconds between passes over Spaces that track a branch or are pinned.", float),
+    Setting("update_window", "",
+            "Local time in which scheduled updates may start, e.g. 02:00-05:00 (may span "
+            "midnight); empty: any time."),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}

@@ -4,7 +4,9 @@ Each Space keeps one port for its whole life (its `url`); containers come and go
 ports. The router reads the routes from SQLite (the source of truth, so a restarted router
 picks up where it was), forwards TCP, and publishes what it applied and how many connections
 each backend still holds in a small state file, so a switch can wait until the new route is
-live and the old container has drained before stopping it.
+live and the old container has drained before stopping it. It also records when each Space
+last saw a request (for sleeping) and, for a sleeping Space, asks for a wake and answers with
+a "waking up" page that refreshes itself.
 """
 
 from __future__ import annotations
@@ -17,12 +19,25 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 from .config import SETTINGS, Config
 from .store import Store
 
 POLL_SECONDS = 0.05
+WAKING_BODY = (
+    b"<!doctype html><html><head><meta charset=utf-8><meta http-equiv=refresh content=2>"
+    b"<title>Waking up</title></head><body style='font-family:sans-serif;text-align:center;"
+    b"margin-top:20vh'><h1>This Space is waking up&hellip;</h1><p>The page continues by "
+    b"itself once the app is ready.</p></body></html>\n"
+)
+WAKING = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/html; charset=utf-8\r\n"
+    b"Retry-After: 2\r\nCache-Control: no-store\r\nConnection: close\r\n"
+    b"Content-Length: " + str(len(WAKING_BODY)).encode() + b"\r\n\r\n" + WAKING_BODY
+)
+FLUSH_SECONDS = 2.0
 NOT_RUNNING = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
     b"Connection: close\r\nContent-Length: 68\r\n\r\n"
@@ -50,6 +65,9 @@ class Router:
         self.servers: dict[int, asyncio.base_events.Server] = {}
         self.connections: dict[int, int] = {}
         self.errors: dict[int, str] = {}
+        self.sleeping: set[int] = set()
+        self.last_seen: dict[int, str] = {}
+        self.wakes: set[int] = set()
         self._dirty = True
         self._stopping = asyncio.Event()
 
@@ -67,6 +85,7 @@ class Router:
     async def _handle(self, port: int, reader: asyncio.StreamReader,
                       writer: asyncio.StreamWriter) -> None:
         backend = self.routes.get(port)
+        self.last_seen[port] = datetime.now(UTC).isoformat(timespec="milliseconds")
         upstream = None
         if backend:
             self.connections[backend] = self.connections.get(backend, 0) + 1
@@ -77,7 +96,11 @@ class Router:
                 upstream = None
         try:
             if upstream is None:
-                writer.write(NOT_RUNNING)
+                if port in self.sleeping:
+                    self.wakes.add(port)  # the scheduler starts it; the page refreshes itself
+                    writer.write(WAKING)
+                else:
+                    writer.write(NOT_RUNNING)
                 await writer.drain()
                 return
             up_reader, up_writer = upstream
@@ -128,10 +151,17 @@ class Router:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
-        last_write = 0.0
+        last_write = last_flush = 0.0
         while not self._stopping.is_set():
             with contextlib.suppress(Exception):
                 await self._apply(self.store.routes())
+                self.sleeping = self.store.sleeping_ports()
+            if (self.last_seen or self.wakes) and (
+                    self.wakes or time.monotonic() - last_flush > FLUSH_SECONDS):
+                with contextlib.suppress(Exception):
+                    self.store.record_requests(self.last_seen, self.wakes)
+                    self.last_seen, self.wakes = {}, set()
+                last_flush = time.monotonic()
             if self._dirty or time.monotonic() - last_write > 1:
                 self._write_state()
                 self._dirty = False

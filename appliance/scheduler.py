@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.blocking import BlockingScheduler
 
-from . import health, housekeeping, reconcile, router, spaces
+from . import health, housekeeping, reconcile, router, sleep, spaces
 from .config import Config
 from .errors import ApplianceError
 
@@ -43,6 +43,20 @@ def health_job(config: Config) -> None:
         ctx.store.close()
 
 
+def sleep_job(config: Config) -> None:
+    """Put idle Spaces to sleep and wake the ones a request asked for."""
+    ctx = spaces.open_context(config, actor="scheduler")
+    try:
+        woken = sleep.wake_once(ctx)
+        slept = sleep.sleep_once(ctx)
+        if woken.changed or slept.changed:
+            log.info("sleep: woke %s, put to sleep %s", woken.woken, slept.slept)
+    except ApplianceError as exc:
+        log.warning("sleep/wake failed: %s", exc)
+    finally:
+        ctx.store.close()
+
+
 # Housekeeping steps by job id; each returns a report with .changed and .errors.
 HOUSEKEEPING = {
     "backup": housekeeping.backup_once,
@@ -71,12 +85,15 @@ def build_scheduler(config: Config) -> BlockingScheduler:
     """Make the scheduler with every job; one worker thread each, no overlapping runs."""
     # One thread per job: a slow reconcile pass never delays the health sweep, and the same
     # job never overlaps itself.
-    scheduler = BlockingScheduler(executors={"default": ThreadPoolExecutor(6)},
+    scheduler = BlockingScheduler(executors={"default": ThreadPoolExecutor(8)},
                                   job_defaults={"coalesce": True, "max_instances": 1})
     scheduler.add_job(reconcile_job, "interval", args=[config], id="reconcile",
                       seconds=config.reconcile_interval, next_run_time=_now())
     scheduler.add_job(health_job, "interval", args=[config], id="health",
                       seconds=config.health_interval)
+    # Wakes must be quick (a visitor waits): the pass is one small query when nothing sleeps.
+    scheduler.add_job(sleep_job, "interval", args=[config], id="sleep",
+                      seconds=config.wake_interval, next_run_time=_now())
     scheduler.add_job(housekeeping_job, "interval", args=[config, "backup"], id="backup",
                       seconds=config.backup_interval,
                       next_run_time=housekeeping.next_backup_at(config))

@@ -79,6 +79,7 @@ def _public(config: Config, row: dict[str, Any]) -> dict[str, Any]:
         "port": row["port"],
         "desired": row["desired"],
         "previous_revision": row["previous_revision"],
+        "sleep_after": row["sleep_after"],
         "warnings": json.loads(row["warnings"] or "[]"),
         "manifest": manifest,
         "created_at": row["created_at"],

@@ -214,6 +214,22 @@ class Store:
         return {r["port"]: r["backend_port"] for r in self.db.query(
             "select port, backend_port from spaces where stage != 'DELETING'")}
 
+    def sleeping_ports(self) -> set[int]:
+        """Ports of Spaces asleep (a request wakes them; paused ones are not here)."""
+        return {r["port"] for r in self.db.query(
+            "select port from spaces where desired = 'sleeping' and stage != 'DELETING'")}
+
+    def record_requests(self, last_seen: dict[int, str], wakes: set[int]) -> None:
+        """Store when each port last saw a request, and ask sleeping Spaces to wake."""
+        with self.transaction():
+            for port, at in last_seen.items():
+                self.db.execute("update spaces set last_request_at = ? where port = ?",
+                                [at, port])
+            for port in wakes:
+                self.db.execute(
+                    "update spaces set wake_requested_at = ? where port = ? "
+                    "and desired = 'sleeping' and wake_requested_at is null", [now(), port])
+
     def move(
         self,
         space_id: str,

@@ -26,6 +26,8 @@ LAYERS = {
     "allocation": "service",
     "housekeeping": "service",
     "health": "service",
+    "updates": "service",
+    "sleep": "service",
     "store": "adapter",
     "runtime": "adapter",
     "sources": "adapter",
