@@ -164,7 +164,7 @@ def space_image_plan(
 ) -> BuildPlan:
     """Plan a Space's own image on top of its SDK layer (or its Dockerfile for sdk: docker)."""
     labels = {"appliance.space": space_id, "appliance.revision": revision,
-              "appliance.role": "space"}
+              "appliance.role": "space", "appliance.instance": config.instance_id}
     tag = f"{image_repository(space_id)}:{revision[:12]}"
     if manifest.sdk == "docker":
         dockerfile = checkout / "Dockerfile"

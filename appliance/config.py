@@ -154,6 +154,14 @@ class Config:
         return Path(self.data_dir)
 
     @property
+    def instance_id(self) -> str:
+        """Name this appliance (its data dir) on labels, so instances sharing a Podman (tests,
+        benchmarks, a second data dir) never take each other's containers for orphans."""
+        import hashlib
+
+        return hashlib.sha256(str(self.data_path.resolve()).encode()).hexdigest()[:12]
+
+    @property
     def db_path(self) -> Path:
         return self.data_path / "appliance.db"
 

@@ -12,6 +12,14 @@ from .config import SETTINGS, Config
 from .errors import InvalidInput
 
 JOBS = ("deploy", "start", "restart")
+# Workers this process started; a long-lived spawner (the scheduler) reaps them so that
+# finished or killed ones do not linger as zombies.
+_children: list[subprocess.Popen] = []
+
+
+def reap_children() -> None:
+    """Collect the exit status of finished workers."""
+    _children[:] = [child for child in _children if child.poll() is None]
 
 
 def run_job(ctx: spaces.Context, space_id: str, job: str, factory: bool = False
@@ -37,9 +45,12 @@ def spawn_job(ctx: spaces.Context, space_id: str, job: str, factory: bool = Fals
         command.append("--factory")
     log_dir = config.data_path / "run"
     log_dir.mkdir(parents=True, exist_ok=True)
+    reap_children()
     with open(log_dir / "worker.log", "ab") as log:
-        pid = subprocess.Popen(command, env=env, cwd="/", stdin=subprocess.DEVNULL,
-                               stdout=log, stderr=log, start_new_session=True).pid
+        child = subprocess.Popen(command, env=env, cwd="/", stdin=subprocess.DEVNULL,
+                                 stdout=log, stderr=log, start_new_session=True)
+    _children.append(child)
+    pid = child.pid
     # The worker owns the busy stage from now on, so its crash is recognised as one.
     ctx.store.update_space(space_id, worker_pid=pid)
     return pid

@@ -40,6 +40,7 @@ def reconcile_once(ctx: spaces.Context, spawn=jobs.spawn_job,
     """
     report = ReconcileReport()
     now = time.time() if now is None else now
+    jobs.reap_children()
     rows = {row["id"]: row for row in ctx.store.list_spaces()}
     router.ensure_router(ctx.config)
     containers = ctx.runtime.containers()

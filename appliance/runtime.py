@@ -25,6 +25,8 @@ from .errors import BuildFailed, InvalidInput, RuntimeUnavailable
 LABEL_SPACE = "appliance.space"
 LABEL_REVISION = "appliance.revision"
 LABEL_ROLE = "appliance.role"
+LABEL_INSTANCE = "appliance.instance"
+DEFAULT_DATA_DIR = "/var/lib/appliance"
 
 
 @dataclass(frozen=True)
@@ -282,7 +284,8 @@ class Runtime:
         """Create and start a hardened container publishing container_port on 127.0.0.1."""
         self.remove_container(name)
         kwargs: dict[str, Any] = dict(
-            image=image, name=name, detach=True, environment=env, labels=labels,
+            image=image, name=name, detach=True, environment=env,
+            labels={**labels, LABEL_INSTANCE: self.config.instance_id},
             ports={f"{container_port}/tcp": ("127.0.0.1", host_port)},
             volumes={vol: {"bind": dest, "mode": "rw", "extended_mode": ["U"]}
                      for vol, dest in volumes.items()},
@@ -372,18 +375,26 @@ class Runtime:
         return [
             ContainerState(name=c.name, status=_list_status(c.attrs), exit_code=None,
                            labels=c.labels or {})
-            for c in found
+            for c in found if self._ours(c.labels or {})
         ]
+
+    def _ours(self, labels: dict[str, str]) -> bool:
+        """Tell whether this appliance instance made the object carrying these labels."""
+        instance = labels.get(LABEL_INSTANCE)
+        if instance is None:  # made before instances were labelled: the default data dir's
+            return str(self.config.data_path) == DEFAULT_DATA_DIR
+        return instance == self.config.instance_id
 
     def labelled_images(self) -> dict[str, str]:
         """Map the id of every image labelled with a Space to that Space's id."""
         return {image.id: image.labels.get(LABEL_SPACE, "")
-                for image in self._list_images({"label": LABEL_SPACE})}
+                for image in self._list_images({"label": LABEL_SPACE})
+                if self._ours(image.labels or {})}
 
     def images_of(self, space_id: str) -> dict[str, list[str]]:
         """Map the id of each image labelled with the Space to its tags (maybe none)."""
         found = self._list_images({"label": f"{LABEL_SPACE}={space_id}"})
-        return {image.id: list(image.tags) for image in found}
+        return {image.id: list(image.tags) for image in found if self._ours(image.labels or {})}
 
 
 class PortInUse(RuntimeUnavailable):

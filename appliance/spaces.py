@@ -389,8 +389,14 @@ def _process_alive(pid: int | None) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # alive, and another user's (root typed the command)
-    return True
+        pass  # alive, and another user's (root typed the command)
+    # A killed worker whose parent has not reaped it yet is a zombie: signals reach it, but
+    # it is dead.
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def worker_alive(row: dict[str, Any]) -> bool:

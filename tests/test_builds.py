@@ -154,7 +154,7 @@ def test_space_plan_is_tagged_and_labelled_with_its_revision(tmp_path):
     assert plan.labels == {}
     assert containerfile_lines(plan)[-1] == (
         f'LABEL "appliance.space"="alice/demo" "appliance.revision"="{REVISION}" '
-        '"appliance.role"="space"')
+        f'"appliance.role"="space" "appliance.instance"="{config().instance_id}"')
     assert plan.buildargs == {"PIP_INDEX_URL": "http://mirror.lan/simple"}
 
 

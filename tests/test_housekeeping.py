@@ -407,7 +407,8 @@ def test_prune_removes_a_dangling_image_of_a_space_unless_a_container_still_runs
     def build(revision: str) -> str:
         return ctx.runtime.build(
             {"Containerfile": b"FROM localhost/appliance-python:3.11\n"}, "Containerfile", tag,
-            {"appliance.space": space_id, "appliance.revision": revision}, {}, {}, False,
+            {"appliance.space": space_id, "appliance.revision": revision,
+             "appliance.instance": ctx.config.instance_id}, {}, {}, False,
             lambda line: None, 120)
 
     first = build("1")

@@ -82,7 +82,9 @@ def test_orphan_images_of_deleted_spaces_are_removed(appliance_env):
     ctx, _ = appliance_env
     ctx.runtime.build({"Containerfile": b"FROM localhost/appliance-python:3.11\n"},
                       "Containerfile", "localhost/space-ghost-test:1",
-                      {"appliance.space": "ghost/image"}, {}, {}, False, lambda line: None, 120)
+                      {"appliance.space": "ghost/image",
+                       "appliance.instance": ctx.config.instance_id},
+                      {}, {}, False, lambda line: None, 120)
     assert labelled("image", "ghost/image")
     report = reconcile.reconcile_once(ctx, spawn=inline)
     assert report.removed_images and labelled("image", "ghost/image") == []
@@ -126,3 +128,20 @@ def test_scheduler_process_restarts_a_killed_space_and_stops_cleanly_on_sigterm(
     assert "scheduler stopped" in output
     assert json.loads(json.dumps(spaces.describe(ctx, "rec/watched")))["stage"] == "RUNNING"
     spaces.delete(ctx, "rec/watched")
+
+
+def test_containers_of_another_appliance_instance_are_left_alone(appliance_env):
+    ctx, sources_dir = appliance_env
+    deploy_static(ctx, sources_dir, "mine", "mine")
+    image = ctx.store.get_space("rec/mine")["image"]
+    other = ctx.config.with_values(data_dir=str(ctx.config.data_path.parent / "other-data"))
+    other_runtime = type(ctx.runtime)(other)
+    other_runtime.run("other-instance-app", image, spaces.allocate_port(ctx), 7860, {},
+                      {"appliance.space": "someone/else", "appliance.role": "app"}, {}, False)
+    try:
+        report = reconcile.reconcile_once(ctx, spawn=inline)
+        assert "other-instance-app" not in report.removed_containers
+        assert labelled("container", "someone/else") == ["other-instance-app"]
+    finally:
+        other_runtime.remove_container("other-instance-app")
+        spaces.delete(ctx, "rec/mine")
