@@ -321,6 +321,26 @@ def spaces_start(obj, space_id, wait, as_json):
     _report(space, as_json)
 
 
+@spaces_group.command("update-policy")
+@click.argument("space_id")
+@click.argument("policy", metavar="manual|track|pinned")
+@click.option("--interval", type=int,
+              help="Seconds between looks for new commits (track; at least 60).")
+@click.option("--revision", help="The branch to track, or the full commit sha to pin.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+@handles_errors
+def spaces_update_policy(obj, space_id, policy, interval, revision, as_json):
+    """Update a Space by hand (manual), follow a branch (track) or hold one commit (pinned).
+
+    Example: appliance spaces update-policy owner/name track --interval 3600
+    """
+    from . import updates
+
+    _emit(updates.set_update_policy(_ctx(obj), space_id, policy, interval, revision),
+          as_json, _space_text)
+
+
 @spaces_group.command("sleep-time")
 @click.argument("space_id")
 @click.argument("seconds")

@@ -7,11 +7,11 @@ import subprocess
 import sys
 from typing import Any
 
-from . import spaces
+from . import spaces, updates
 from .config import SETTINGS, Config
 from .errors import InvalidInput
 
-JOBS = ("deploy", "start", "restart")
+JOBS = ("deploy", "start", "restart", "update")
 # Workers this process started; a long-lived spawner (the scheduler) reaps them so that
 # finished or killed ones do not linger as zombies.
 _children: list[subprocess.Popen] = []
@@ -32,6 +32,8 @@ def run_job(ctx: spaces.Context, space_id: str, job: str, factory: bool = False
         return spaces.deploy(ctx, space_id) if needs_build else view
     if job == "restart":
         return spaces.restart(ctx, space_id)
+    if job == "update":
+        return updates.run_update(ctx, space_id)
     raise InvalidInput(f"Unknown job {job!r}", hint=f"jobs are {', '.join(JOBS)}")
 
 

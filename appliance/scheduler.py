@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.blocking import BlockingScheduler
 
-from . import health, housekeeping, reconcile, router, sleep, spaces
+from . import health, housekeeping, reconcile, router, sleep, spaces, updates
 from .config import Config
 from .errors import ApplianceError
 
@@ -57,6 +57,21 @@ def sleep_job(config: Config) -> None:
         ctx.store.close()
 
 
+def updates_job(config: Config) -> None:
+    """Look for new commits of tracking and pinned Spaces once; start their updates."""
+    ctx = spaces.open_context(config, actor="scheduler")
+    try:
+        report = updates.check_updates_once(ctx)
+        if report.errors:
+            log.warning("updates: %s", report)
+        elif report.changed:
+            log.info("updates: %s", report)
+    except ApplianceError as exc:
+        log.warning("update check failed: %s", exc)
+    finally:
+        ctx.store.close()
+
+
 # Housekeeping steps by job id; each returns a report with .changed and .errors.
 HOUSEKEEPING = {
     "backup": housekeeping.backup_once,
@@ -85,12 +100,14 @@ def build_scheduler(config: Config) -> BlockingScheduler:
     """Make the scheduler with every job; one worker thread each, no overlapping runs."""
     # One thread per job: a slow reconcile pass never delays the health sweep, and the same
     # job never overlaps itself.
-    scheduler = BlockingScheduler(executors={"default": ThreadPoolExecutor(8)},
+    scheduler = BlockingScheduler(executors={"default": ThreadPoolExecutor(9)},
                                   job_defaults={"coalesce": True, "max_instances": 1})
     scheduler.add_job(reconcile_job, "interval", args=[config], id="reconcile",
                       seconds=config.reconcile_interval, next_run_time=_now())
     scheduler.add_job(health_job, "interval", args=[config], id="health",
                       seconds=config.health_interval)
+    scheduler.add_job(updates_job, "interval", args=[config], id="updates",
+                      seconds=config.update_check_interval, next_run_time=_now())
     # Wakes must be quick (a visitor waits): the pass is one small query when nothing sleeps.
     scheduler.add_job(sleep_job, "interval", args=[config], id="sleep",
                       seconds=config.wake_interval, next_run_time=_now())

@@ -209,6 +209,8 @@ def _check_space(ctx: spaces.Context, row: dict[str, Any], now: float, may_start
     _record_check_problem(ctx, space_id, None)
     report.checked.append(space_id)
     if head == row["revision"]:
+        if row["failed_revision"] == head:  # a person's update made it serve after all
+            ctx.store.update_space(space_id, failed_revision=None)
         return
     if head == row["failed_revision"]:
         report.skipped.append(f"{space_id}: skipped: revision {head[:12]} failed before")
