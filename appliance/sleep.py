@@ -51,10 +51,8 @@ def sleep_once(ctx: spaces.Context, now: float | None = None) -> SleepReport:
         idle = min(_seconds_since(row["last_request_at"], now),
                    _seconds_since(row["updated_at"], now))
         if idle >= row["sleep_after"]:
-            spaces.stop(ctx, row["id"])
-            ctx.store.update_space(row["id"], actor=ctx.actor, event="sleep",
-                                   detail={"idle_seconds": int(idle)}, desired=SLEEPING,
-                                   wake_requested_at=None)
+            ctx.store.update_space(row["id"], wake_requested_at=None)
+            spaces.stop(ctx, row["id"], desired=SLEEPING, event="sleep")
             report.slept.append(row["id"])
     return report
 

@@ -137,6 +137,8 @@ def allocate_port(ctx: Context, exclude: set[int] | None = None) -> int:
 
 def _port_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # As a listener binds it: a port with connections in TIME_WAIT is still free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("127.0.0.1", port))
             return True
@@ -500,12 +502,17 @@ def _manifest(row: dict[str, Any]) -> Manifest:
     return parse_manifest("---\n" + json.dumps(data, ensure_ascii=False) + "\n---\n")
 
 
-def stop(ctx: Context, space_id: str, pause: bool = False) -> dict[str, Any]:
-    """Stop (or pause: never woken by itself) a Space; its image and data stay."""
+def stop(ctx: Context, space_id: str, pause: bool = False, desired: str | None = None,
+         event: str | None = None) -> dict[str, Any]:
+    """Stop (or pause: never woken by itself) a Space; its image and data stay.
+
+    desired overrides what the Space should do next ("sleeping": a request wakes it); it is
+    written in the same move as the stop, so the router never sees it half-way.
+    """
     row = recover_abandoned(ctx, space_id)
     target = stages.PAUSED if pause else stages.STOPPED
-    ctx.store.move(space_id, row["stage"], target, ctx.actor, backend_port=None,
-                   container=None, desired="paused" if pause else "stopped")
+    ctx.store.move(space_id, row["stage"], target, ctx.actor, event=event, backend_port=None,
+                   container=None, desired=desired or ("paused" if pause else "stopped"))
     router.wait_route(ctx.config, row["port"], None, timeout=5)
     for container in ctx.runtime.containers(space_id):
         ctx.runtime.remove_container(container.name)

@@ -73,10 +73,10 @@ def appliance_env(tmp_path_factory, podman_ready):
     root = tmp_path_factory.mktemp("appliance")
     sources_dir = root / "sources"
     sources_dir.mkdir()
-    low = 17100 + (uuid.uuid4().int % 40) * 20
+    low = 17100 + (uuid.uuid4().int % 20) * 40
     config = load_config(
         {}, data_dir=str(root / "data"), local_sources=str(sources_dir),
-        port_range=f"{low}-{low + 19}", startup_timeout_cap=180, drain_seconds=3,
+        port_range=f"{low}-{low + 39}", startup_timeout_cap=180, drain_seconds=3,
     )
     ctx = spaces.open_context(config, actor="test")
     yield ctx, sources_dir
