@@ -90,38 +90,46 @@ def test_container_runs_hardened_with_spaces_variables(space):
     assert all(b["HostIp"] == "127.0.0.1" for v in bindings.values() for b in v)
 
 
+class RequestLoop:
+    """A steady stream of GETs (fresh connection each) that counts what failed."""
+
+    def __init__(self, url: str):
+        self.url, self.failures, self.served = url, [], 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if get(self.url).status_code != 200:
+                    self.failures.append("status")
+                self.served += 1
+            except requests.RequestException as exc:
+                self.failures.append(str(exc))
+            time.sleep(0.02)
+
+    def __enter__(self) -> RequestLoop:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def test_code_only_update_switches_with_no_failed_requests(space):
     ctx, repo = space
     url = spaces.describe(ctx, SPACE)["url"]
     old = spaces.describe(ctx, SPACE)["revision"]
     app = (repo / "app.py").read_text().replace("Hello from the appliance", "Hello, second")
     new = commit(repo, {"app.py": app}, "code-only change")
-    failures: list[str] = []
-    served = [0]
-    stop = threading.Event()
-
-    def hammer():
-        while not stop.is_set():
-            try:
-                if get(url).status_code != 200:
-                    failures.append("status")
-                served[0] += 1
-            except requests.RequestException as exc:
-                failures.append(str(exc))
-            time.sleep(0.02)
-
-    thread = threading.Thread(target=hammer)
-    thread.start()
-    try:
+    with RequestLoop(url) as loop:
         needed, view = spaces.request_update(ctx, SPACE)
         assert needed and view["stage"] == stages.RUNNING_BUILDING
         view = spaces.deploy(ctx, SPACE)
-    finally:
-        stop.set()
-        thread.join()
     assert view["stage"] == stages.RUNNING, view["error"]
     assert view["revision"] == new and view["previous_revision"] == old
-    assert failures == [] and served[0] > 10
+    assert loop.failures == [] and loop.served > 10
     assert "Hello, second" in get(url).text
     log = spaces.build_log_path(ctx, SPACE).read_text()
     assert "Reusing the shared SDK layer" in log
@@ -138,8 +146,10 @@ def test_broken_build_keeps_old_revision_serving(space):
     ctx, repo = space
     before = spaces.describe(ctx, SPACE)
     commit(repo, {"requirements.txt": "this-package-does-not-exist-appliance==0.0.1\n"}, "bad")
-    spaces.request_update(ctx, SPACE)
-    view = spaces.deploy(ctx, SPACE)
+    with RequestLoop(before["url"]) as loop:
+        spaces.request_update(ctx, SPACE)
+        view = spaces.deploy(ctx, SPACE)
+    assert loop.failures == [] and loop.served > 10
     assert view["stage"] == stages.BUILD_ERROR
     assert "this-package-does-not-exist-appliance" in view["error"]
     assert "last lines of the build log" in view["error"]
@@ -152,8 +162,10 @@ def test_commit_whose_app_crashes_keeps_old_revision_serving(space):
     before = spaces.describe(ctx, SPACE)
     commit(repo, {"requirements.txt": None,
                   "app.py": "raise SystemExit('boom: missing model file')\n"}, "crash")
-    spaces.request_update(ctx, SPACE)
-    view = spaces.deploy(ctx, SPACE)
+    with RequestLoop(before["url"]) as loop:
+        spaces.request_update(ctx, SPACE)
+        view = spaces.deploy(ctx, SPACE)
+    assert loop.failures == [] and loop.served > 10
     assert view["stage"] == stages.RUNNING
     assert "did not start" in view["error"] and "boom: missing model file" in view["error"]
     assert view["revision"] == before["revision"]
