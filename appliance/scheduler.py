@@ -17,63 +17,17 @@ from .errors import ApplianceError
 log = logging.getLogger("appliance.scheduler")
 
 
-def reconcile_job(config: Config) -> None:
-    """Run one reconcile pass with a fresh context (its own database handle)."""
-    ctx = spaces.open_context(config, actor="scheduler")
-    try:
-        report = reconcile.reconcile_once(ctx)
-        if report.changed or report.errors:
-            log.info("reconcile: %s", report)
-    except ApplianceError as exc:
-        log.warning("reconcile failed: %s", exc)
-    finally:
-        ctx.store.close()
+def _sleep_and_wake(ctx: spaces.Context) -> sleep.SleepReport:
+    woken, slept = sleep.wake_once(ctx), sleep.sleep_once(ctx)
+    return sleep.SleepReport(slept=slept.slept, woken=woken.woken)
 
 
-def health_job(config: Config) -> None:
-    """Run one health sweep with a fresh context."""
-    ctx = spaces.open_context(config, actor="scheduler")
-    try:
-        report = health.health_sweep_once(ctx)
-        if report.unhealthy:
-            log.info("health: %s", report)
-    except ApplianceError as exc:
-        log.warning("health sweep failed: %s", exc)
-    finally:
-        ctx.store.close()
-
-
-def sleep_job(config: Config) -> None:
-    """Put idle Spaces to sleep and wake the ones a request asked for."""
-    ctx = spaces.open_context(config, actor="scheduler")
-    try:
-        woken = sleep.wake_once(ctx)
-        slept = sleep.sleep_once(ctx)
-        if woken.changed or slept.changed:
-            log.info("sleep: woke %s, put to sleep %s", woken.woken, slept.slept)
-    except ApplianceError as exc:
-        log.warning("sleep/wake failed: %s", exc)
-    finally:
-        ctx.store.close()
-
-
-def updates_job(config: Config) -> None:
-    """Look for new commits of tracking and pinned Spaces once; start their updates."""
-    ctx = spaces.open_context(config, actor="scheduler")
-    try:
-        report = updates.check_updates_once(ctx)
-        if report.errors:
-            log.warning("updates: %s", report)
-        elif report.changed:
-            log.info("updates: %s", report)
-    except ApplianceError as exc:
-        log.warning("update check failed: %s", exc)
-    finally:
-        ctx.store.close()
-
-
-# Housekeeping steps by job id; each returns a report with .changed and .errors.
-HOUSEKEEPING = {
+# Every scheduled step by job id: a plain one-step function of a Context returning a report.
+STEPS = {
+    "reconcile": reconcile.reconcile_once,
+    "health": health.health_sweep_once,
+    "updates": updates.check_updates_once,
+    "sleep": _sleep_and_wake,
     "backup": housekeeping.backup_once,
     "rotate-logs": housekeeping.rotate_logs_once,
     "prune": housekeeping.prune_once,
@@ -81,14 +35,14 @@ HOUSEKEEPING = {
 }
 
 
-def housekeeping_job(config: Config, name: str) -> None:
-    """Run one housekeeping step (backup, rotate-logs, prune, disk) with a fresh context."""
+def run_step(config: Config, name: str) -> None:
+    """Run one scheduled step with a fresh context (its own database handle) and log it."""
     ctx = spaces.open_context(config, actor="scheduler")
     try:
-        report = HOUSEKEEPING[name](ctx)
-        if report.errors:
+        report = STEPS[name](ctx)
+        if getattr(report, "errors", None):
             log.warning("%s: %s", name, report)
-        elif report.changed:
+        elif getattr(report, "changed", False) or getattr(report, "unhealthy", None):
             log.info("%s: %s", name, report)
     except ApplianceError as exc:
         log.warning("%s failed: %s", name, exc)
@@ -97,28 +51,27 @@ def housekeeping_job(config: Config, name: str) -> None:
 
 
 def build_scheduler(config: Config) -> BlockingScheduler:
-    """Make the scheduler with every job; one worker thread each, no overlapping runs."""
-    # One thread per job: a slow reconcile pass never delays the health sweep, and the same
-    # job never overlaps itself.
-    scheduler = BlockingScheduler(executors={"default": ThreadPoolExecutor(9)},
+    """Make the scheduler with every step; one worker thread each, no overlapping runs."""
+    now = _now()
+    schedule = (  # (step, seconds between runs, first run: None waits one interval)
+        ("reconcile", config.reconcile_interval, now),
+        ("health", config.health_interval, None),
+        ("updates", config.update_check_interval, now),
+        # Wakes must be quick (a visitor waits); the pass is one small query when none sleeps.
+        ("sleep", config.wake_interval, now),
+        ("backup", config.backup_interval, housekeeping.next_backup_at(config)),
+        ("rotate-logs", config.housekeeping_interval, now),
+        ("prune", config.housekeeping_interval, now),
+        ("disk", config.disk_check_interval, now),
+    )
+    # One thread per step: a slow reconcile pass never delays the health sweep, and the same
+    # step never overlaps itself.
+    scheduler = BlockingScheduler(executors={"default": ThreadPoolExecutor(len(schedule))},
                                   job_defaults={"coalesce": True, "max_instances": 1})
-    scheduler.add_job(reconcile_job, "interval", args=[config], id="reconcile",
-                      seconds=config.reconcile_interval, next_run_time=_now())
-    scheduler.add_job(health_job, "interval", args=[config], id="health",
-                      seconds=config.health_interval)
-    scheduler.add_job(updates_job, "interval", args=[config], id="updates",
-                      seconds=config.update_check_interval, next_run_time=_now())
-    # Wakes must be quick (a visitor waits): the pass is one small query when nothing sleeps.
-    scheduler.add_job(sleep_job, "interval", args=[config], id="sleep",
-                      seconds=config.wake_interval, next_run_time=_now())
-    scheduler.add_job(housekeeping_job, "interval", args=[config, "backup"], id="backup",
-                      seconds=config.backup_interval,
-                      next_run_time=housekeeping.next_backup_at(config))
-    for name, seconds in (("rotate-logs", config.housekeeping_interval),
-                          ("prune", config.housekeeping_interval),
-                          ("disk", config.disk_check_interval)):
-        scheduler.add_job(housekeeping_job, "interval", args=[config, name], id=name,
-                          seconds=seconds, next_run_time=_now())
+    for name, seconds, first in schedule:
+        options = {"next_run_time": first} if first is not None else {}
+        scheduler.add_job(run_step, "interval", args=[config, name], id=name, seconds=seconds,
+                          **options)
     return scheduler
 
 
