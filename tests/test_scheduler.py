@@ -14,7 +14,6 @@ def test_every_step_is_scheduled_at_its_configured_interval(tmp_path):
     assert jobs["reconcile"].trigger.interval.total_seconds() == 7
     assert jobs["health"].trigger.interval.total_seconds() == 11
     assert jobs["sleep"].trigger.interval.total_seconds() == 2
-    assert all(job.max_instances == 1 and job.coalesce for job in jobs.values())
 
 
 def test_a_failing_step_is_logged_and_does_not_raise(tmp_path, caplog, monkeypatch):
