@@ -91,6 +91,18 @@ def _m004_policies(db: sqlite_utils.Database) -> None:
     table.add_column("failed_revision", str)
 
 
+def _m005_allocations(db: sqlite_utils.Database) -> None:
+    # What each Space holds on the GPUs: one row per Space (whole GPUs, a MIG device, or a
+    # shared memory budget), released when it stops, sleeps or is deleted.
+    db["allocations"].create(
+        {"space_id": str, "kind": str, "gpu_uuids": str, "mig_uuid": str, "memory_mib": int,
+         "created_at": str},
+        pk="space_id", foreign_keys=[("space_id", "spaces", "id")], not_null={"kind"},
+    )
+    # When a Space first went over its GPU memory budget (for the enforcement grace period).
+    db["spaces"].add_column("gpu_over_since", str)
+
+
 # Named migrations, applied in order and recorded in the migrations table. Never edit one
 # that has shipped; append a new one.
 MIGRATIONS: tuple[tuple[str, Callable[[sqlite_utils.Database], None]], ...] = (
@@ -98,6 +110,7 @@ MIGRATIONS: tuple[tuple[str, Callable[[sqlite_utils.Database], None]], ...] = (
     ("002_worker_pid", _m002_worker_pid),
     ("003_health", _m003_health),
     ("004_policies", _m004_policies),
+    ("005_allocations", _m005_allocations),
 )
 
 
@@ -278,9 +291,34 @@ class Store:
             if event:
                 self.add_event(space_id, event, actor or "system", detail or {})
 
+    def allocations(self) -> list[dict[str, Any]]:
+        """Every GPU allocation, gpu_uuids decoded to a list."""
+        return [{**r, "gpu_uuids": json.loads(r["gpu_uuids"] or "[]")}
+                for r in self.db.query("select * from allocations order by space_id")]
+
+    def set_allocation(self, space_id: str, kind: str, gpu_uuids: list[str],
+                       mig_uuid: str | None, memory_mib: int | None, actor: str) -> None:
+        """Record (or replace) what the Space holds on the GPUs, with an event."""
+        with self.transaction():
+            self.db["allocations"].upsert({
+                "space_id": space_id, "kind": kind, "gpu_uuids": json.dumps(gpu_uuids),
+                "mig_uuid": mig_uuid, "memory_mib": memory_mib, "created_at": now(),
+            }, pk="space_id")
+            self.add_event(space_id, "gpu:allocated", actor,
+                           {"kind": kind, "gpus": gpu_uuids, "mig": mig_uuid,
+                            "memory_mib": memory_mib})
+
+    def release_allocation(self, space_id: str, actor: str, reason: str = "") -> bool:
+        """Release the Space's GPU allocation; True when it held one."""
+        with self.transaction():
+            cursor = self.db.execute("delete from allocations where space_id = ?", [space_id])
+            if cursor.rowcount:
+                self.add_event(space_id, "gpu:released", actor, {"reason": reason})
+            return bool(cursor.rowcount)
+
     def delete_space_rows(self, space_id: str, actor: str) -> None:
         with self.transaction():
-            for table in ("secrets", "variables", "builds"):
+            for table in ("secrets", "variables", "builds", "allocations"):
                 self.db.execute(f"delete from {table} where space_id = ?", [space_id])
             self.db.execute("delete from spaces where id = ?", [space_id])
             self.add_event(space_id, "deleted", actor, {})
