@@ -321,6 +321,24 @@ def spaces_start(obj, space_id, wait, as_json):
     _report(space, as_json)
 
 
+@spaces_group.command("hardware")
+@click.argument("space_id")
+@click.argument("request", metavar="cpu|gpu|gpu:N|mig:PROFILE|shared:SIZE")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+@handles_errors
+def spaces_hardware(obj, space_id, request, as_json):
+    """Ask for hardware (checked against what is free now; applied at the next restart).
+
+    Example: appliance spaces hardware owner/name shared:8g
+    """
+    view = spaces.set_hardware(_ctx(obj), space_id, request)
+    if not as_json:
+        click.echo(f"{space_id} asks for {view['hardware']}; restart it to apply: "
+                   f"appliance spaces restart {space_id}", err=True)
+    _emit(view, as_json, _space_text)
+
+
 @spaces_group.command("update-policy")
 @click.argument("space_id")
 @click.argument("policy", metavar="manual|track|pinned")

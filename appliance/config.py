@@ -76,6 +76,13 @@ SETTINGS: tuple[Setting, ...] = (
         "Upper bound in seconds on a Space's startup_duration_timeout (0: no cap).",
         int,
     ),
+    Setting("gpu_reserve_mib", 2048, "GPU memory kept free on a shared GPU (MiB).", int),
+    Setting("cdi_kind", "nvidia.com/gpu", "CDI kind of the GPUs (as nvidia-ctk names them)."),
+    Setting("cdi_names", "index", "CDI device names: index (nvidia-ctk's default) or uuid."),
+    Setting("gpu_mps", False, "The box runs the CUDA MPS daemon: pin shared budgets with it.",
+            bool),
+    Setting("gpu_watchdog_interval", 10.0,
+            "Seconds between checks of GPU memory use against shared budgets.", float),
     Setting("reconcile_interval", 5.0, "Seconds between reconcile passes of the scheduler.",
             float),
     Setting("wake_interval", 1.0, "Seconds between checks for idle Spaces and wake requests.",
@@ -105,6 +112,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("update_window", "",
             "Local time in which scheduled updates may start, e.g. 02:00-05:00 (may span "
             "midnight); empty: any time."),
+    Setting("gpu_quota_grace", 30.0,
+            "Seconds a Space may stay over its shared GPU memory budget before it is stopped.",
+            float),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from . import health, jobs, router, spaces, stages
+from . import gpus, health, jobs, router, spaces, stages
 from .errors import ApplianceError
 from .runtime import LABEL_SPACE
 
@@ -57,6 +57,7 @@ def reconcile_once(ctx: spaces.Context, spawn=jobs.spawn_job,
             _reconcile_space(ctx, row, by_space.get(space_id, []), report, spawn, now)
         except ApplianceError as exc:  # one Space's trouble never stops the others' pass
             report.errors.append(f"{space_id}: {exc.message}")
+    report.errors.extend(gpus.reconcile_allocations_once(ctx))
     for image_id, owner in ctx.runtime.labelled_images().items():
         if owner not in rows:
             ctx.runtime.remove_image(image_id, force=True)

@@ -280,8 +280,14 @@ class Runtime:
         volumes: dict[str, str],
         enforce_limits: bool,
         command: list[str] | None = None,
+        devices: list[str] | None = None,
+        memory_limit_mib: int | None = None,
     ) -> str:
-        """Create and start a hardened container publishing container_port on 127.0.0.1."""
+        """Create and start a hardened container publishing container_port on 127.0.0.1.
+
+        devices are CDI names (nvidia.com/gpu=0); memory_limit_mib overrides the Space
+        default (a Jetson GPU budget is system memory).
+        """
         self.remove_container(name)
         kwargs: dict[str, Any] = dict(
             image=image, name=name, detach=True, environment=env,
@@ -296,10 +302,12 @@ class Runtime:
         )
         if command:
             kwargs["command"] = command
+        if devices:
+            kwargs["devices"] = devices
         if enforce_limits:
             kwargs.update(
                 pids_limit=self.config.space_pids_limit,
-                mem_limit=f"{self.config.space_memory_mb}m",
+                mem_limit=f"{memory_limit_mib or self.config.space_memory_mb}m",
                 nano_cpus=int(self.config.space_cpus * 1e9),
             )
         try:
@@ -395,6 +403,16 @@ class Runtime:
         """Map the id of each image labelled with the Space to its tags (maybe none)."""
         found = self._list_images({"label": f"{LABEL_SPACE}={space_id}"})
         return {image.id: list(image.tags) for image in found if self._ours(image.labels or {})}
+
+    def init_pid(self, name: str) -> int | None:
+        """Return the host PID of the container's first process; None when it is not running."""
+        try:
+            container = self.client.containers.get(name)
+        except podman.errors.NotFound:
+            return None
+        except (podman.errors.APIError, requests.RequestException) as exc:
+            raise RuntimeUnavailable(f"Podman at {self.url} failed: {exc}") from None
+        return container.attrs.get("State", {}).get("Pid") or None
 
 
 class PortInUse(RuntimeUnavailable):

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.blocking import BlockingScheduler
 
-from . import health, housekeeping, reconcile, router, sleep, spaces, updates
+from . import gpu_watchdog, health, housekeeping, reconcile, router, sleep, spaces, updates
 from .config import Config
 from .errors import ApplianceError
 
@@ -28,6 +28,7 @@ STEPS = {
     "health": health.health_sweep_once,
     "updates": updates.check_updates_once,
     "sleep": _sleep_and_wake,
+    "gpu-watchdog": gpu_watchdog.enforce_once,
     "backup": housekeeping.backup_once,
     "rotate-logs": housekeeping.rotate_logs_once,
     "prune": housekeeping.prune_once,
@@ -59,6 +60,7 @@ def build_scheduler(config: Config) -> BlockingScheduler:
         ("updates", config.update_check_interval, now),
         # Wakes must be quick (a visitor waits); the pass is one small query when none sleeps.
         ("sleep", config.wake_interval, now),
+        ("gpu-watchdog", config.gpu_watchdog_interval, now),
         ("backup", config.backup_interval, housekeeping.next_backup_at(config)),
         ("rotate-logs", config.housekeeping_interval, now),
         ("prune", config.housekeeping_interval, now),

@@ -9,13 +9,14 @@ import secrets as pysecrets
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import requests
 
-from . import builds, housekeeping, router, sources, stages
+from . import builds, gpu, gpus, housekeeping, router, sources, stages
 from .config import Config
 from .errors import (
     ApplianceError,
@@ -26,6 +27,7 @@ from .errors import (
     NotFound,
     StartupFailed,
 )
+from .gpu import Inventory
 from .manifest import Manifest, load_manifest, parse_manifest
 from .runtime import LABEL_REVISION, LABEL_ROLE, LABEL_SPACE, PortInUse, Runtime
 from .store import Store, open_store
@@ -37,12 +39,14 @@ SERVING = {stages.RUNNING, stages.RUNNING_BUILDING, stages.RUNNING_APP_STARTING}
 
 @dataclass
 class Context:
-    """What every service call needs: settings, the database, Podman, and who is acting."""
+    """What every service call needs: settings, the database, Podman, who is acting, and
+    how to read the GPUs (NVML; tests hand in an inventory at this seam)."""
 
     config: Config
     store: Store
     runtime: Runtime
     actor: str = "cli"
+    read_inventory: Callable[[], Inventory] = gpu.read_inventory
 
 
 def open_context(config: Config, actor: str = "cli") -> Context:
@@ -100,9 +104,7 @@ def add_space(ctx: Context, source_text: str, name: str | None = None,
     source = sources.parse_source(source_text, ctx.config)
     space_id = sources.validate_space_id(name or source.default_id)
     revision = sources.validate_revision(revision)
-    if hardware != "cpu":
-        raise InvalidInput(f"Hardware {hardware!r} is not available on this box",
-                           hint="use --hardware cpu (GPU hardware comes with the GPU allocator)")
+    hardware = gpus.check_request(ctx, space_id, hardware)
     if ctx.store.find_space(space_id):
         raise Conflict(f"A Space named {space_id} already exists",
                        hint=f"update it with 'appliance spaces update {space_id}', or pick "
@@ -290,13 +292,16 @@ def start_revision(ctx: Context, space_id: str, sha: str, image: str,
     container_port = manifest.container_port
     backend = None
     try:
+        claim = gpus.claim(ctx, space_id, row["hardware"])
         for _ in range(3):
             backend = allocate_port(ctx, exclude={row["port"]})
             try:
                 ctx.runtime.run(
-                    name, image, backend, container_port, _container_env(ctx, row, manifest),
+                    name, image, backend, container_port,
+                    {**_container_env(ctx, row, manifest), **claim.env},
                     {LABEL_SPACE: space_id, LABEL_REVISION: sha, LABEL_ROLE: "app"},
-                    {data_volume(space_id): "/data"}, enforce)
+                    {data_volume(space_id): "/data"}, enforce, devices=claim.devices,
+                    memory_limit_mib=claim.memory_limit_mib)
                 break
             except PortInUse:
                 continue
@@ -313,6 +318,7 @@ def start_revision(ctx: Context, space_id: str, sha: str, image: str,
             ctx.store.move(space_id, current, stages.RUNNING, ctx.actor, error=message,
                            event="update-failed", detail={"revision": sha})
         else:
+            gpus.release(ctx, space_id, "the app did not start")
             ctx.store.move(space_id, current, stages.RUNTIME_ERROR, ctx.actor, error=str(exc),
                            backend_port=None, container=None)
         return describe(ctx, space_id)
@@ -513,6 +519,7 @@ def stop(ctx: Context, space_id: str, pause: bool = False, desired: str | None =
     target = stages.PAUSED if pause else stages.STOPPED
     ctx.store.move(space_id, row["stage"], target, ctx.actor, event=event, backend_port=None,
                    container=None, desired=desired or ("paused" if pause else "stopped"))
+    gpus.release(ctx, space_id, event or target.lower())
     router.wait_route(ctx.config, row["port"], None, timeout=5)
     for container in ctx.runtime.containers(space_id):
         ctx.runtime.remove_container(container.name)
@@ -569,6 +576,15 @@ def set_value(ctx: Context, kind: str, space_id: str, key: str, value: str) -> N
     if len(value.encode()) > 65536:
         raise InvalidInput(f"The value of {key} is larger than 64 KiB")
     ctx.store.set_kv(kind, space_id, key, value, ctx.actor)
+
+
+def set_hardware(ctx: Context, space_id: str, hardware: str) -> dict[str, Any]:
+    """Change the Space's hardware request (checked now; applied at its next start)."""
+    ctx.store.get_space(space_id)
+    hardware = gpus.check_request(ctx, space_id, hardware)
+    ctx.store.update_space(space_id, actor=ctx.actor, event="hardware",
+                           detail={"hardware": hardware}, hardware=hardware)
+    return describe(ctx, space_id)
 
 
 def build_log_path(ctx: Context, space_id: str) -> Path | None:

@@ -91,8 +91,10 @@ def appliance_env(tmp_path_factory, podman_ready):
 
 
 def container_env(name: str) -> dict[str, str]:
-    out = as_service("podman", "exec", name, "env").stdout
-    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    """The environment the container's processes really got (CDI edits included), read from
+    PID 1; `podman exec env` shows only the stored config."""
+    out = as_service("podman", "exec", name, "cat", "/proc/1/environ").stdout
+    return dict(item.split("=", 1) for item in out.split("\0") if "=" in item)
 
 
 def labelled(kind: str, space_id: str) -> list[str]:

@@ -184,12 +184,20 @@ def test_add_refuses_an_invalid_space_name(runner, repo):
     assert_nothing_recorded(runner)
 
 
-def test_add_refuses_hardware_this_box_lacks(runner, repo):
+def test_add_refuses_a_hugging_face_flavor_name_with_the_request_to_use(runner, repo):
     result = run(runner, "spaces", "add", str(repo), "--hardware", "t4-small")
     assert result.exit_code == 2
-    assert result.stderr == (
-        "Error: Hardware 't4-small' is not available on this box\n"
-        "Hint: use --hardware cpu (GPU hardware comes with the GPU allocator)\n")
+    assert result.stderr.startswith(
+        "Error: Hardware 't4-small' is a Hugging Face flavor, not a request this box "
+        "understands\nHint: use shared:16g (its GPU memory) or gpu")
+    assert_nothing_recorded(runner)
+
+
+def test_add_refuses_a_gpu_on_a_box_without_one(runner, repo):
+    result = run(runner, "spaces", "add", str(repo), "--hardware", "gpu")
+    assert result.exit_code == 1
+    assert result.stderr.startswith(
+        "Error: Hardware gpu is not available: This box has no NVIDIA GPU")
     assert_nothing_recorded(runner)
 
 

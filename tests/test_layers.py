@@ -24,6 +24,8 @@ LAYERS = {
     "jobs": "service",
     "reconcile": "service",
     "allocation": "service",
+    "gpus": "service",
+    "gpu_watchdog": "service",
     "housekeeping": "service",
     "health": "service",
     "updates": "service",
