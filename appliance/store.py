@@ -103,6 +103,19 @@ def _m005_allocations(db: sqlite_utils.Database) -> None:
     db["spaces"].add_column("gpu_over_since", str)
 
 
+def _m006_gpu_samples(db: sqlite_utils.Database) -> None:
+    # GPU telemetry: one row per GPU (space_id NULL) or per Space on a GPU, per sample time;
+    # resolution says whether the row is a raw sample or an average over that many seconds.
+    db["gpu_samples"].create(
+        {"id": int, "at": str, "gpu_uuid": str, "space_id": str, "resolution": int,
+         "memory_used_mib": float, "utilization_gpu": float, "temperature_c": float,
+         "power_w": float},
+        pk="id", not_null={"at", "gpu_uuid", "resolution"},
+    )
+    db["gpu_samples"].create_index(["gpu_uuid", "at"])
+    db["gpu_samples"].create_index(["space_id", "at"])
+
+
 # Named migrations, applied in order and recorded in the migrations table. Never edit one
 # that has shipped; append a new one.
 MIGRATIONS: tuple[tuple[str, Callable[[sqlite_utils.Database], None]], ...] = (
@@ -111,6 +124,7 @@ MIGRATIONS: tuple[tuple[str, Callable[[sqlite_utils.Database], None]], ...] = (
     ("003_health", _m003_health),
     ("004_policies", _m004_policies),
     ("005_allocations", _m005_allocations),
+    ("006_gpu_samples", _m006_gpu_samples),
 )
 
 
