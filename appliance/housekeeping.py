@@ -241,10 +241,18 @@ def prune_once(ctx: spaces.Context) -> PruneReport:
                 report.removed_checkouts.append(str(folder))
         else:
             _prune_checkouts(ctx, space_id, folder, report)
+    try:
+        images = ctx.runtime.labelled_images()  # one listing for every Space: it is costly
+    except ApplianceError as exc:
+        report.errors.append(f"cannot list images: {exc.message}")
+        return report
+    for image_id, (owner, _tags) in images.items():
+        if owner not in rows and _fresh_row(ctx, owner, report.errors) is None:
+            _remove_images(ctx, owner, [image_id], report, force=True)  # its Space is gone
     for space_id in rows:
         row = _fresh_row(ctx, space_id, report.errors)
         if row and row["stage"] not in stages.BUSY:
-            _prune_images(ctx, row, report)
+            _prune_images(ctx, row, images, report)
     return report
 
 
@@ -286,25 +294,28 @@ def _prune_checkouts(ctx: spaces.Context, space_id: str, folder: Path,
             report.removed_checkouts.append(str(entry))
 
 
-def _prune_images(ctx: spaces.Context, row: dict[str, Any], report: PruneReport) -> None:
-    space_id = row["id"]
+def _prune_images(ctx: spaces.Context, row: dict[str, Any],
+                  images: dict[str, tuple[str, list[str]]], report: PruneReport) -> None:
     keep = {row["image"], row["previous_image"]} - {None, ""}
+    # Untagged only: a tag names a revision some Space may switch or roll back to.
+    dangling = [image_id for image_id, (owner, tags) in images.items()
+                if owner == row["id"] and not tags and image_id not in keep]
+    if dangling:
+        # Not forced: an image a container still runs (a rebuilt revision not yet switched
+        # to) is refused by Podman and stays.
+        _remove_images(ctx, row["id"], dangling, report, force=False)
+
+
+def _remove_images(ctx: spaces.Context, space_id: str, image_ids: list[str],
+                   report: PruneReport, force: bool) -> None:
     try:
-        images = ctx.runtime.images_of(space_id)
-        # Untagged only: a tag names a revision some Space may switch or roll back to.
-        dangling = [image_id for image_id, tags in images.items()
-                    if not tags and image_id not in keep]
-        if not dangling:
-            return
-        for image_id in dangling:
-            # Not forced: an image a container still runs (a rebuilt revision not yet
-            # switched to) is refused by Podman and stays.
-            ctx.runtime.remove_image(image_id)
+        for image_id in image_ids:
+            ctx.runtime.remove_image(image_id, force=force)
         left = ctx.runtime.images_of(space_id)
     except ApplianceError as exc:
         report.errors.append(f"{space_id}: cannot prune images: {exc.message}")
         return
-    report.removed_images += [image_id for image_id in dangling if image_id not in left]
+    report.removed_images += [image_id for image_id in image_ids if image_id not in left]
 
 
 # -- disk space -------------------------------------------------------------------------------

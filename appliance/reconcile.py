@@ -17,14 +17,13 @@ class ReconcileReport:
     recovered: list[str] = field(default_factory=list)
     restarting: list[str] = field(default_factory=list)
     removed_containers: list[str] = field(default_factory=list)
-    removed_images: list[str] = field(default_factory=list)
     gave_up: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
     @property
     def changed(self) -> bool:
         return bool(self.recovered or self.restarting or self.removed_containers
-                    or self.removed_images or self.gave_up)
+                    or self.gave_up)
 
 
 def reconcile_once(ctx: spaces.Context, spawn=jobs.spawn_job,
@@ -36,7 +35,8 @@ def reconcile_once(ctx: spaces.Context, spawn=jobs.spawn_job,
     - a stopped or paused Space has no container left running;
     - containers of a Space other than the one serving it (an interrupted switch) are removed
       unless work on the Space is under way;
-    - containers and images labelled by the appliance that no Space owns are removed.
+    - containers labelled by the appliance that no Space owns are removed (their images go in
+      housekeeping's prune).
     """
     report = ReconcileReport()
     now = time.time() if now is None else now
@@ -58,10 +58,8 @@ def reconcile_once(ctx: spaces.Context, spawn=jobs.spawn_job,
         except ApplianceError as exc:  # one Space's trouble never stops the others' pass
             report.errors.append(f"{space_id}: {exc.message}")
     report.errors.extend(gpus.reconcile_allocations_once(ctx))
-    for image_id, owner in ctx.runtime.labelled_images().items():
-        if owner not in rows:
-            ctx.runtime.remove_image(image_id, force=True)
-            report.removed_images.append(image_id)
+    # Images of Spaces that no longer exist are left to the hourly prune: listing images is
+    # the expensive call here, and an orphan image harms nothing but disk space.
     return report
 
 

@@ -393,9 +393,13 @@ class Runtime:
             return str(self.config.data_path) == DEFAULT_DATA_DIR
         return instance == self.config.instance_id
 
-    def labelled_images(self) -> dict[str, str]:
-        """Map the id of every image labelled with a Space to that Space's id."""
-        return {image.id: image.labels.get(LABEL_SPACE, "")
+    def labelled_images(self) -> dict[str, tuple[str, list[str]]]:
+        """Map the id of every image of this instance labelled with a Space to (Space, tags).
+
+        One listing for all Spaces: Podman 4.3 answers a label-filtered listing by inspecting
+        every image (about 1.6 s with a hundred Spaces' images here), so callers ask once.
+        """
+        return {image.id: (image.labels.get(LABEL_SPACE, ""), list(image.tags))
                 for image in self._list_images({"label": LABEL_SPACE})
                 if self._ours(image.labels or {})}
 

@@ -253,8 +253,7 @@ def test_prune_keeps_the_current_and_previous_checkouts_and_removes_the_rest(ctx
         [str(app / ("a" * 40)), str(app / ("d" * 40)), str(app / ".incoming-old"), str(ghost)])
     assert (busy / ("e" * 40)).is_dir()
     # Podman is unreachable here: the images part is reported, the checkouts still pruned.
-    assert report.errors == [
-        f"owner/app: cannot prune images: Cannot reach Podman at {NO_PODMAN}"]
+    assert report.errors == [f"cannot list images: Cannot reach Podman at {NO_PODMAN}"]
 
 
 def test_prune_reports_a_checkout_it_cannot_remove_and_removes_the_others(ctx, monkeypatch):
