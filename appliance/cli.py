@@ -627,6 +627,48 @@ def gpus_show(index, as_json):
     _emit(found[0], as_json, lambda g: json.dumps(g, indent=2, sort_keys=True))
 
 
+@gpus_group.command("history")
+@click.argument("gpu_ref", metavar="[INDEX|UUID]", required=False)
+@click.option("--space", "space_id", help="A Space's GPU memory instead of a GPU's readings.")
+@click.option("--hours", type=float, default=24.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+@handles_errors
+def gpus_history(obj, gpu_ref, space_id, hours, as_json):
+    """Show GPU readings over time: raw samples lately, 5-minute and hourly averages before.
+
+    Example: appliance gpus history 0 --hours 6
+    """
+    from . import telemetry
+
+    ctx = _ctx(obj)
+
+    def shown(value, unit):
+        return "-" if value is None else f"{value:.0f}{unit}"
+
+    if space_id:
+        rows = telemetry.usage(ctx, space_id, hours)
+        if gpu_ref:
+            key = telemetry.resolve_gpu(ctx, gpu_ref)
+            rows = [r for r in rows if r["gpu_uuid"] == key]
+
+        def line(r):
+            return (f"{r['at']}  {r['gpu_uuid']:<44} {r['resolution']:>5}s  "
+                    f"{shown(r['memory_used_mib'], ' MiB')}")
+    elif gpu_ref:
+        rows = telemetry.history(ctx, gpu_ref, hours)
+
+        def line(r):
+            return (f"{r['at']}  {r['resolution']:>5}s  {shown(r['memory_used_mib'], ' MiB'):>10}"
+                    f"  {shown(r['utilization_gpu'], '%'):>5}  {shown(r['temperature_c'], ' C'):>5}"
+                    f"  {shown(r['power_w'], ' W'):>6}")
+    else:
+        raise InvalidInput("Name a GPU (index or UUID) or a Space with --space",
+                           hint="e.g. 'appliance gpus history 0' or "
+                           "'appliance gpus history --space owner/name'")
+    _emit(rows, as_json, lambda rs: "\n".join(map(line, rs)) or "No samples in that window")
+
+
 @cli.command("scheduler")
 @click.pass_obj
 def scheduler_cmd(obj):

@@ -115,6 +115,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("gpu_quota_grace", 30.0,
             "Seconds a Space may stay over its shared GPU memory budget before it is stopped.",
             float),
+    Setting("telemetry_interval", 10.0,
+            "Seconds between GPU telemetry samples (each GPU's and each Space's use).", float),
+    Setting("telemetry_raw_hours", 12,
+            "Hours raw GPU samples are kept before they become 5-minute averages.", int),
+    Setting("telemetry_keep_days", 30,
+            "Days of GPU telemetry kept (5-minute averages become hourly after 7 days).", int),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}

@@ -10,7 +10,17 @@ from datetime import UTC, datetime
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.blocking import BlockingScheduler
 
-from . import gpu_watchdog, health, housekeeping, reconcile, router, sleep, spaces, updates
+from . import (
+    gpu_watchdog,
+    health,
+    housekeeping,
+    reconcile,
+    router,
+    sleep,
+    spaces,
+    telemetry,
+    updates,
+)
 from .config import Config
 from .errors import ApplianceError
 
@@ -29,6 +39,8 @@ STEPS = {
     "updates": updates.check_updates_once,
     "sleep": _sleep_and_wake,
     "gpu-watchdog": gpu_watchdog.enforce_once,
+    "gpu-telemetry": telemetry.sample_once,
+    "telemetry-downsample": telemetry.downsample_once,
     "backup": housekeeping.backup_once,
     "rotate-logs": housekeeping.rotate_logs_once,
     "prune": housekeeping.prune_once,
@@ -61,6 +73,8 @@ def build_scheduler(config: Config) -> BlockingScheduler:
         # Wakes must be quick (a visitor waits); the pass is one small query when none sleeps.
         ("sleep", config.wake_interval, now),
         ("gpu-watchdog", config.gpu_watchdog_interval, now),
+        ("gpu-telemetry", config.telemetry_interval, now),
+        ("telemetry-downsample", config.housekeeping_interval, now),
         ("backup", config.backup_interval, housekeeping.next_backup_at(config)),
         ("rotate-logs", config.housekeeping_interval, now),
         ("prune", config.housekeeping_interval, now),

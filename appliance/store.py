@@ -402,6 +402,94 @@ class Store:
             rows = self.db.query("select * from events order by id desc limit ?", [limit])
         return [{**r, "detail": json.loads(r["detail"] or "{}")} for r in rows]
 
+    # -- GPU telemetry ---------------------------------------------------------------------
+
+    def add_gpu_samples(self, rows: list[dict[str, Any]]) -> None:
+        """Insert telemetry rows (gpu_samples columns but id; absent ones NULL) at once."""
+        if not rows:
+            return
+        # executemany, not insert_all: a sample runs every few seconds and insert_all's
+        # introspection of the table costs twice the insert itself.
+        columns = ("at", "gpu_uuid", "space_id", "resolution", "memory_used_mib",
+                   "utilization_gpu", "temperature_c", "power_w")
+        with self.transaction():
+            self.db.conn.executemany(
+                f"insert into gpu_samples ({', '.join(columns)}) "
+                f"values ({', '.join('?' for _ in columns)})",
+                [[row.get(column) for column in columns] for row in rows])
+
+    def gpu_samples(self, gpu_uuid: str | None = None, space_id: str | None = None,
+                    since: str | None = None, limit: int = 100_000,
+                    whole_gpu: bool = False) -> list[dict[str, Any]]:
+        """Return the newest ``limit`` matching telemetry rows, oldest first.
+
+        whole_gpu keeps the GPU's own rows only (space_id NULL), leaving out the Spaces'.
+        """
+        where, params = [], []
+        if gpu_uuid is not None:
+            where.append("gpu_uuid = ?")
+            params.append(gpu_uuid)
+        if space_id is not None:
+            where.append("space_id = ?")
+            params.append(space_id)
+        elif whole_gpu:
+            where.append("space_id is null")
+        if since is not None:
+            where.append("at >= ?")
+            params.append(since)
+        clause = f"where {' and '.join(where)}" if where else ""
+        return list(self.db.query(
+            f"select * from (select * from gpu_samples {clause} order by at desc, id desc "
+            "limit ?) order by at, id", [*params, limit]))
+
+    def rollup_gpu_samples(self, resolution: int, span: int, before: str) -> tuple[int, int]:
+        """Replace rows of one resolution older than ``before`` by their span-second averages.
+
+        One transaction: the averages appear as the rows they stand for go, so a crash never
+        loses a sample nor counts it twice. Rows are grouped by (GPU, Space, bucket), buckets
+        starting at multiples of span since the epoch; ``before`` should be such a multiple
+        so that no bucket is split between two passes. A Space's row is missing from a
+        sample where it held no GPU memory, so its memory averages over every sample of the
+        GPU in the bucket (a missing row counts 0), not over its own rows alone. Returns
+        (rows replaced, averaged rows written).
+        """
+        with self.transaction():
+            written = self.db.execute(
+                """
+                insert into gpu_samples (at, gpu_uuid, space_id, resolution, memory_used_mib,
+                                         utilization_gpu, temperature_c, power_w)
+                with src as (
+                    select gpu_uuid, space_id, memory_used_mib, utilization_gpu,
+                           temperature_c, power_w,
+                           cast(strftime('%s', at) as integer) / :span * :span as bucket
+                    from gpu_samples where resolution = :resolution and at < :before
+                ), samples as (
+                    select gpu_uuid, bucket, count(*) as n from src
+                    where space_id is null group by gpu_uuid, bucket
+                )
+                select strftime('%Y-%m-%dT%H:%M:%S.000+00:00', src.bucket, 'unixepoch'),
+                       src.gpu_uuid, src.space_id, :span,
+                       case when src.space_id is null then avg(src.memory_used_mib)
+                            else total(src.memory_used_mib)
+                                 / max(count(*), coalesce(max(samples.n), 0)) end,
+                       avg(src.utilization_gpu), avg(src.temperature_c), avg(src.power_w)
+                from src left join samples
+                    on samples.gpu_uuid = src.gpu_uuid and samples.bucket = src.bucket
+                group by src.gpu_uuid, src.space_id, src.bucket
+                order by src.bucket, src.gpu_uuid, src.space_id
+                """,
+                {"span": span, "resolution": resolution, "before": before},
+            ).rowcount
+            replaced = self.db.execute(
+                "delete from gpu_samples where resolution = ? and at < ?", [resolution, before]
+            ).rowcount
+        return replaced, written
+
+    def delete_gpu_samples(self, before: str) -> int:
+        """Delete telemetry rows of every resolution older than ``before``; return how many."""
+        with self.transaction():
+            return self.db.execute("delete from gpu_samples where at < ?", [before]).rowcount
+
 
 def open_store(path: Path, retries: int = 3) -> Store:
     """Open the database and apply migrations; translate sqlite failures for the user."""

@@ -30,6 +30,7 @@ LAYERS = {
     "health": "service",
     "updates": "service",
     "sleep": "service",
+    "telemetry": "service",
     "store": "adapter",
     "runtime": "adapter",
     "sources": "adapter",
