@@ -109,4 +109,22 @@ def labelled(kind: str, space_id: str) -> list[str]:
     return [line for line in out.stdout.splitlines() if line.strip()]
 
 
+FAKE_NVML_SOURCE = Path(__file__).resolve().parent / "nvml_fake" / "fake_nvml.c"
+
+
+@pytest.fixture(scope="session")
+def fake_nvml(tmp_path_factory) -> Path:
+    """Compile the fake libnvidia-ml.so.1 once; return the directory that holds it."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.fail(f"gcc is needed to compile {FAKE_NVML_SOURCE} for the GPU tests: "
+                    "apt-get install gcc")
+    lib_dir = tmp_path_factory.mktemp("fake-nvml")
+    built = subprocess.run(
+        [gcc, "-shared", "-fPIC", "-o", str(lib_dir / "libnvidia-ml.so.1"),
+         str(FAKE_NVML_SOURCE)], capture_output=True, text=True)
+    assert built.returncode == 0, f"compiling {FAKE_NVML_SOURCE} failed:\n{built.stderr}"
+    return lib_dir
+
+
 os.environ.setdefault("APPLIANCE_CONFIG_FILE", "/nonexistent/appliance.toml")

@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-FAKE_SOURCE = Path(__file__).resolve().parent / "nvml_fake" / "fake_nvml.c"
 
 READ = (
     "import json, sys\n"
@@ -40,22 +37,6 @@ ORIN_RELEASE = (
 )
 ORIN_MODEL = "NVIDIA Jetson AGX Orin Developer Kit\0"
 ORIN_COMPATIBLE = "nvidia,p3737-0000+p3701-0005\0nvidia,p3701-0005\0nvidia,tegra234\0"
-
-
-@pytest.fixture(scope="session")
-def fake_nvml(tmp_path_factory) -> Path:
-    """Compile the fake NVML once; return the directory holding libnvidia-ml.so.1."""
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        pytest.fail(f"gcc is needed to compile {FAKE_SOURCE} for the GPU tests: "
-                    "apt-get install gcc")
-    lib_dir = tmp_path_factory.mktemp("fake-nvml")
-    built = subprocess.run(
-        [gcc, "-shared", "-fPIC", "-o", str(lib_dir / "libnvidia-ml.so.1"), str(FAKE_SOURCE)],
-        capture_output=True, text=True,
-    )
-    assert built.returncode == 0, f"compiling {FAKE_SOURCE} failed:\n{built.stderr}"
-    return lib_dir
 
 
 def run_python(lib_dir: Path, config: Path, code: str, *args: str) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -27,29 +26,12 @@ from appliance.config import SETTINGS
 
 pytestmark = pytest.mark.podman
 
-FAKE_SOURCE = Path(__file__).resolve().parent / "nvml_fake" / "fake_nvml.c"
 GPU0, GPU1 = "GPU-fake-0", "GPU-fake-1"
 A, B = "gpuwd/a", "gpuwd/b"
 BUDGET = 1000
 README = "---\nsdk: docker\napp_port: 8000\n---\n"
 DOCKERFILE = ("FROM localhost/appliance-python:3.11\nCOPY index.html /srv/index.html\n"
               'CMD ["python3", "-m", "http.server", "8000", "--directory", "/srv"]\n')
-
-
-@pytest.fixture(scope="session")
-def fake_nvml(tmp_path_factory) -> Path:
-    """Compile the fake NVML once; return the directory holding libnvidia-ml.so.1."""
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        pytest.fail(f"gcc is needed to compile {FAKE_SOURCE} for the GPU tests: "
-                    "apt-get install gcc")
-    lib_dir = tmp_path_factory.mktemp("fake-nvml")
-    built = subprocess.run(
-        [gcc, "-shared", "-fPIC", "-o", str(lib_dir / "libnvidia-ml.so.1"), str(FAKE_SOURCE)],
-        capture_output=True, text=True,
-    )
-    assert built.returncode == 0, f"compiling {FAKE_SOURCE} failed:\n{built.stderr}"
-    return lib_dir
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -24,7 +23,6 @@ from appliance.errors import NotFound
 from appliance.runtime import LABEL_SPACE
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-FAKE_SOURCE = REPO_ROOT / "tests" / "nvml_fake" / "fake_nvml.c"
 NO_PODMAN = "unix:///nonexistent/podman.sock"
 GPU0, GPU1 = "GPU-6b3e0000-0000-0000-0000-000000000000", "GPU-6b3e0000-0000-0000-0000-000000000001"
 # Midnight UTC, 5 January 2026: a whole number of hours (and 5-minute buckets) since the epoch.
@@ -333,22 +331,6 @@ def test_each_space_gets_a_row_per_gpu_with_the_memory_its_processes_hold(applia
 
 
 # -- the real pynvml path -----------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def fake_nvml(tmp_path_factory) -> Path:
-    """Compile the fake NVML once; return the directory holding libnvidia-ml.so.1."""
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        pytest.fail(f"gcc is needed to compile {FAKE_SOURCE} for the GPU tests: "
-                    "apt-get install gcc")
-    lib_dir = tmp_path_factory.mktemp("fake-nvml")
-    built = subprocess.run(
-        [gcc, "-shared", "-fPIC", "-o", str(lib_dir / "libnvidia-ml.so.1"), str(FAKE_SOURCE)],
-        capture_output=True, text=True,
-    )
-    assert built.returncode == 0, f"compiling {FAKE_SOURCE} failed:\n{built.stderr}"
-    return lib_dir
 
 
 SAMPLE = (
