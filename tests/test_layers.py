@@ -14,6 +14,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "appliance"
 # module -> layer. Edges not yet written are listed so they are classified the day they land.
 LAYERS = {
     "cli": "edge",
+    "cli_common": "edge",
+    "cli_spaces": "edge",
+    "cli_gpus": "edge",
     "web": "edge",
     "api": "edge",
     "portal": "edge",
