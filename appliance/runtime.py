@@ -325,13 +325,19 @@ class Runtime:
             raise RuntimeUnavailable(f"Podman could not start {name}: {text}") from None
         return container.id
 
-    def state(self, name: str) -> ContainerState | None:
+    def _find(self, name: str):
+        """Return the named container, or None when there is none."""
         try:
-            container = self.client.containers.get(name)
+            return self.client.containers.get(name)
         except podman.errors.NotFound:
             return None
         except (podman.errors.APIError, requests.RequestException) as exc:
             raise RuntimeUnavailable(f"Podman at {self.url} failed: {exc}") from None
+
+    def state(self, name: str) -> ContainerState | None:
+        container = self._find(name)
+        if container is None:
+            return None
         attrs = container.attrs.get("State", {})
         return ContainerState(
             name=name, status=attrs.get("Status", container.status),
@@ -339,12 +345,16 @@ class Runtime:
         )
 
     def logs(self, name: str, tail: int | None = 200) -> str:
+        container = self._find(name)
+        if container is None:
+            return ""
         try:
-            container = self.client.containers.get(name)
             chunks = container.logs(stdout=True, stderr=True, tail=tail or "all")
             return b"".join(chunks).decode("utf-8", "replace")
         except podman.errors.NotFound:
-            return ""
+            return ""  # removed between the lookup and the read
+        except (podman.errors.APIError, requests.RequestException) as exc:
+            raise RuntimeUnavailable(f"Podman could not read the log of {name}: {exc}") from None
 
     def follow_logs(self, name: str) -> Iterator[str]:
         container = self.client.containers.get(name)
@@ -410,13 +420,8 @@ class Runtime:
 
     def init_pid(self, name: str) -> int | None:
         """Return the host PID of the container's first process; None when it is not running."""
-        try:
-            container = self.client.containers.get(name)
-        except podman.errors.NotFound:
-            return None
-        except (podman.errors.APIError, requests.RequestException) as exc:
-            raise RuntimeUnavailable(f"Podman at {self.url} failed: {exc}") from None
-        return container.attrs.get("State", {}).get("Pid") or None
+        container = self._find(name)
+        return container.attrs.get("State", {}).get("Pid") or None if container else None
 
 
 class PortInUse(RuntimeUnavailable):
