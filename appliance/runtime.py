@@ -177,11 +177,12 @@ class Runtime:
     def load_image(self, tarball: Path) -> list[str]:
         """Load a `podman save` / `docker save` archive; return the loaded names."""
         try:
-            with open(tarball, "rb") as fh:
-                images = list(self.client.images.load(fh.read()))
+            data = Path(tarball).read_bytes()
         except OSError as exc:
-            raise InvalidInput(f"Cannot read image archive {tarball}: {exc}") from None
-        except podman.errors.APIError as exc:
+            raise InvalidInput(f"Cannot read image archive {tarball}: {exc.strerror}") from None
+        try:
+            images = list(self.client.images.load(data))
+        except (podman.errors.APIError, requests.RequestException) as exc:
             raise InvalidInput(
                 f"{tarball} is not an image archive Podman can load: {_api_error_text(exc)}",
                 hint="make it with 'podman save -o FILE IMAGE' on a machine that has the image",
