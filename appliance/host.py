@@ -222,6 +222,17 @@ def has_capability(bit: int, root: Path = ROOT) -> bool | None:
     return None
 
 
+def has_processes(uid: int, root: Path = ROOT) -> bool:
+    """Return whether any process runs with real uid ``uid`` (read from /proc/PID/status)."""
+    for status in under(root, "/proc").glob("[0-9]*/status"):
+        for line in (_read(status) or "").splitlines():
+            if line.startswith("Uid:"):
+                if line.split()[1:2] == [str(uid)]:
+                    return True
+                break
+    return False
+
+
 def disk_free_bytes(path: Path) -> int:
     """Return the bytes free to unprivileged users on the filesystem holding ``path``."""
     return shutil.disk_usage(path).free

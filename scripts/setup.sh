@@ -105,6 +105,15 @@ start_podman_service() {
     return
   fi
   say "Starting the Podman API service for $SERVICE_USER at unix://$sock"
+  # /run/user/UID is a tmpfs that empties when the account's last process ends; where it
+  # is a plain directory (containers, some VMs) it survives with the pause-process and
+  # container state of processes that are gone, and every podman command then fails with
+  # "invalid internal status ... could not find any running process". With no process of
+  # the account left, nothing in it is live: empty it, as a reboot would.
+  if ! pgrep -u "$uid" >/dev/null 2>&1 && [ -n "$(ls -A "/run/user/$uid" 2>/dev/null)" ]; then
+    say "Clearing stale runtime state in /run/user/$uid (no process of $SERVICE_USER is running)"
+    find "/run/user/$uid" -mindepth 1 -delete 2>/dev/null || true
+  fi
   # migrate picks up new subuid ranges, but it also stops every running container: only
   # when the ranges changed.
   if [ "${SUBIDS_CHANGED:-0}" = 1 ]; then
@@ -117,7 +126,8 @@ start_podman_service() {
     as_service podman --remote --url "unix://$sock" version >/dev/null 2>&1 && return
     sleep 0.2
   done
-  echo "Podman API service did not come up; see /run/user/$uid/podman/service.log" >&2
+  echo "Podman API service did not come up; its log (/run/user/$uid/podman/service.log) ends:" >&2
+  tail -n 20 "/run/user/$uid/podman/service.log" >&2 || true
   exit 1
 }
 

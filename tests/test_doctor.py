@@ -360,6 +360,15 @@ def test_runtime_dir_with_wrong_mode_fails(config, tree):
     assert found.fix == f"chown appliance:appliance /run/user/{UID} && chmod 700 /run/user/{UID}"
 
 
+def test_runtime_dir_left_by_dead_processes_fails_with_the_clean_up(config, tree):
+    write(tree, f"run/user/{UID}/libpod/tmp/alive", "")
+    found = checks(config, tree)["runtime-dir"]
+    assert found.status == "fail" and "state from processes that are gone" in found.detail
+    assert found.fix == f"find /run/user/{UID} -mindepth 1 -delete"
+    write(tree, "proc/4242/status", f"Name:\tpodman\nUid:\t{UID}\t{UID}\t{UID}\t{UID}\n")
+    assert checks(config, tree)["runtime-dir"].status == "ok"
+
+
 def unreachable():
     raise RuntimeUnavailable(f"Cannot reach Podman at unix:///run/user/{UID}/podman/podman.sock")
 
