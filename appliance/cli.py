@@ -13,6 +13,7 @@ import click
 from . import builds, doctor, jobs, router
 from .cli_common import actor, config_of, context_of, emit, handles_errors
 from .cli_gpus import gpus_group
+from .cli_portal import serve_cmd, tokens_group, users_group
 from .cli_spaces import spaces_group
 from .config import Config, load_config
 from .errors import ApplianceError
@@ -151,6 +152,9 @@ def scheduler_cmd(obj):
 
 cli.add_command(spaces_group)
 cli.add_command(gpus_group)
+cli.add_command(serve_cmd)
+cli.add_command(users_group)
+cli.add_command(tokens_group)
 
 
 def drop_privileges(config: Config) -> None:

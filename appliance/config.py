@@ -38,6 +38,16 @@ SETTINGS: tuple[Setting, ...] = (
         bool,
     ),
     Setting("public_host", "127.0.0.1", "Host name put in each Space's `url`."),
+    Setting("portal_host", "0.0.0.0", "Address the portal (`appliance serve`) listens on."),
+    Setting("portal_port", 8080, "Port of the portal: pages, API and the Spaces' proxy.", int),
+    Setting("portal_workers", 2, "gunicorn worker processes of the portal.", int),
+    Setting("portal_threads", 16, "Threads per portal worker (each open proxy stream holds one).",
+            int),
+    Setting("portal_public", True,
+            "Let visitors who are not logged in see the home page and public Spaces.", bool),
+    Setting("login_attempts", 10, "Failed logins per client per 15 minutes before refusing.",
+            int),
+    Setting("session_hours", 336, "Hours a portal login lasts.", int),
     Setting("router_host", "127.0.0.1", "Address the front router listens on for Space ports."),
     Setting(
         "drain_seconds", 10.0, "Longest wait for an old revision's connections on a switch.", float

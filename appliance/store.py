@@ -116,6 +116,26 @@ def _m006_gpu_samples(db: sqlite_utils.Database) -> None:
     db["gpu_samples"].create_index(["space_id", "at"])
 
 
+def _m007_portal(db: sqlite_utils.Database) -> None:
+    # Portal users (password hashes only), API tokens (sha256 of the token only), failed
+    # logins per client for rate limiting (shared by every gunicorn worker), and who may
+    # see each Space ("public" on the LAN, or "private": login required).
+    db["users"].create(
+        {"name": str, "role": str, "password_hash": str, "created_at": str,
+         "last_login_at": str},
+        pk="name", not_null={"role", "password_hash"},
+    )
+    db["tokens"].create(
+        {"id": int, "name": str, "user": str, "scope": str, "token_hash": str,
+         "created_at": str, "last_used_at": str, "revoked_at": str},
+        pk="id", foreign_keys=[("user", "users", "name")], not_null={"token_hash", "scope"},
+    )
+    db["tokens"].create_index(["token_hash"], unique=True)
+    db["login_failures"].create({"client": str, "at": float}, not_null={"client", "at"})
+    db["login_failures"].create_index(["client", "at"])
+    db["spaces"].add_column("visibility", str, not_null_default="public")
+
+
 # Named migrations, applied in order and recorded in the migrations table. Never edit one
 # that has shipped; append a new one.
 MIGRATIONS: tuple[tuple[str, Callable[[sqlite_utils.Database], None]], ...] = (
@@ -125,6 +145,7 @@ MIGRATIONS: tuple[tuple[str, Callable[[sqlite_utils.Database], None]], ...] = (
     ("004_policies", _m004_policies),
     ("005_allocations", _m005_allocations),
     ("006_gpu_samples", _m006_gpu_samples),
+    ("007_portal", _m007_portal),
 )
 
 
@@ -401,6 +422,84 @@ class Store:
         else:
             rows = self.db.query("select * from events order by id desc limit ?", [limit])
         return [{**r, "detail": json.loads(r["detail"] or "{}")} for r in rows]
+
+    # -- users, tokens, login failures ----------------------------------------------------
+
+    def find_user(self, name: str) -> dict[str, Any] | None:
+        rows = list(self.db.query("select * from users where name = ?", [name]))
+        return rows[0] if rows else None
+
+    def list_users(self) -> list[dict[str, Any]]:
+        return list(self.db.query(
+            "select name, role, created_at, last_login_at from users order by name"))
+
+    def count_admins(self) -> int:
+        return self.db.execute("select count(*) from users where role = 'admin'").fetchone()[0]
+
+    def upsert_user(self, name: str, role: str, password_hash: str, actor: str,
+                    created: bool) -> None:
+        with self.transaction():
+            self.db["users"].upsert({"name": name, "role": role, "password_hash": password_hash,
+                                     **({"created_at": now()} if created else {})}, pk="name")
+            self.add_event(None, "user:added" if created else "user:changed", actor,
+                           {"user": name, "role": role})
+
+    def set_user_fields(self, name: str, **fields: Any) -> None:
+        self.db["users"].update(name, fields)
+
+    def delete_user(self, name: str, actor: str) -> None:
+        with self.transaction():
+            self.db.execute("update tokens set revoked_at = ? where user = ? and revoked_at "
+                            "is null", [now(), name])
+            if self.db.execute("delete from users where name = ?", [name]).rowcount == 0:
+                raise NotFound(f"No user named {name}")
+            self.add_event(None, "user:deleted", actor, {"user": name})
+
+    def add_token(self, name: str, user: str, scope: str, token_hash: str, actor: str) -> int:
+        with self.transaction():
+            token_id = self.db["tokens"].insert({
+                "name": name, "user": user, "scope": scope, "token_hash": token_hash,
+                "created_at": now()}).last_pk
+            self.add_event(None, "token:created", actor,
+                           {"token": token_id, "name": name, "user": user, "scope": scope})
+            return token_id
+
+    def token_by_hash(self, token_hash: str) -> dict[str, Any] | None:
+        rows = list(self.db.query(
+            "select tokens.*, users.role as role from tokens join users on users.name = "
+            "tokens.user where token_hash = ? and revoked_at is null", [token_hash]))
+        return rows[0] if rows else None
+
+    def list_tokens(self, user: str | None = None) -> list[dict[str, Any]]:
+        where, args = ("where user = ?", [user]) if user else ("", [])
+        return list(self.db.query(
+            "select id, name, user, scope, created_at, last_used_at, revoked_at from tokens "
+            f"{where} order by id", args))
+
+    def touch_token(self, token_id: int) -> None:
+        self.db.execute("update tokens set last_used_at = ? where id = ?", [now(), token_id])
+
+    def revoke_token(self, token_id: int, actor: str, user: str | None = None) -> None:
+        with self.transaction():
+            sql = "update tokens set revoked_at = ? where id = ? and revoked_at is null"
+            args: list[Any] = [now(), token_id]
+            if user is not None:
+                sql, args = sql + " and user = ?", [*args, user]
+            if self.db.execute(sql, args).rowcount == 0:
+                raise NotFound(f"No active token with id {token_id}")
+            self.add_event(None, "token:revoked", actor, {"token": token_id})
+
+    def login_failures(self, client: str, since: float) -> int:
+        return self.db.execute("select count(*) from login_failures where client = ? and "
+                               "at >= ?", [client, since]).fetchone()[0]
+
+    def add_login_failure(self, client: str, at: float) -> None:
+        with self.transaction():
+            self.db["login_failures"].insert({"client": client, "at": at})
+            self.db.execute("delete from login_failures where at < ?", [at - 86400])
+
+    def clear_login_failures(self, client: str) -> None:
+        self.db.execute("delete from login_failures where client = ?", [client])
 
     # -- GPU telemetry ---------------------------------------------------------------------
 

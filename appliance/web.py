@@ -1,0 +1,287 @@
+"""The portal's Flask app: factory, who is calling (session or token), CSRF, error rendering.
+
+Pages (web_pages), the JSON API (web_api), the Hugging Face compatible API (web_hf) and the
+Spaces' proxy (web_proxy) are registered here; every one of them reaches the service layer
+through `context()`, whose actor is the caller, so events say who did what.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import secrets
+from collections.abc import Callable
+from datetime import timedelta
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+from flask import Flask, abort, g, jsonify, render_template, request, session
+
+from . import spaces, users
+from .config import Config, load_config
+from .errors import ApplianceError
+from .store import open_store
+from .users import ANONYMOUS, Caller, Forbidden, Unauthorized
+
+UNSAFE = {"POST", "PUT", "PATCH", "DELETE"}
+CSRF_FIELD = "csrf_token"
+CSRF_HEADER = "X-CSRF-Token"
+
+
+def secret_key(config: Config) -> bytes:
+    """Return the key that signs session cookies, made once (0600) in the data dir."""
+    path = config.data_path / "portal.secret"
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(secrets.token_bytes(32))
+        try:
+            os.link(tmp, path)  # the first worker to get here wins; the others read its key
+        except FileExistsError:
+            pass
+        tmp.unlink()
+        return path.read_bytes()
+
+
+def create_app(config: Config | None = None, context_factory: Callable[..., Any] | None = None
+               ) -> Flask:
+    """Build the portal. context_factory(config, actor) makes the service Context (tests
+    hand in one with a fake GPU inventory)."""
+    config = config or load_config()
+    app = Flask(__name__, template_folder="templates", static_folder="static",
+                static_url_path="/static")
+    app.config.update(
+        SECRET_KEY=secret_key(config),
+        SESSION_COOKIE_NAME="appliance_session",
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        PERMANENT_SESSION_LIFETIME=timedelta(hours=config.session_hours),
+        MAX_CONTENT_LENGTH=16 << 20,
+        SEND_FILE_MAX_AGE_DEFAULT=3600,
+        JSON_SORT_KEYS=False,
+    )
+    app.extensions["appliance.config"] = config
+    app.extensions["appliance.context_factory"] = context_factory or (
+        lambda cfg, actor: spaces.open_context(cfg, actor=actor))
+    open_store(config.db_path).close()  # migrate once, before workers race for it
+
+    app.before_request(_identify)
+    app.before_request(_check_csrf)
+    app.teardown_appcontext(_close_context)
+    app.register_error_handler(ApplianceError, _render_error)
+    app.register_error_handler(404, _render_http_error)
+    app.register_error_handler(405, _render_http_error)
+    app.register_error_handler(413, _render_http_error)
+    app.context_processor(lambda: {"caller": caller(), "csrf_token": csrf_token,
+                                   "config": config})
+
+    from . import web_api, web_hf, web_pages, web_proxy
+
+    for module in (web_pages, web_api, web_hf, web_proxy):
+        module.register(app)
+    return app
+
+
+def config() -> Config:
+    from flask import current_app
+
+    return current_app.extensions["appliance.config"]
+
+
+# -- who is calling -------------------------------------------------------------------------
+
+
+def bearer_token() -> str | None:
+    header = request.headers.get("Authorization", "")
+    if header[:7].lower() == "bearer ":
+        return header[7:].strip()
+    return None
+
+
+def _identify() -> None:
+    g.caller = ANONYMOUS
+    store = context().store
+    token = bearer_token()
+    if token:
+        g.caller = users.caller_for_token(store, token)  # a bad token is an error, not anonymous
+        return
+    name = session.get("user")
+    if name:
+        found = users.caller_for_user(store, name)
+        if found is None:
+            session.clear()
+        else:
+            g.caller = found
+
+
+def caller() -> Caller:
+    return g.get("caller", ANONYMOUS)
+
+
+def client_address() -> str:
+    return request.remote_addr or "unknown"
+
+
+def from_localhost() -> bool:
+    # The portal is reached directly (no proxy in front), so remote_addr is the peer.
+    return client_address() in ("127.0.0.1", "::1")
+
+
+def log_in(found: Caller) -> None:
+    session.clear()
+    session.permanent = True
+    session["user"] = found.user
+    session["csrf"] = secrets.token_urlsafe(24)
+
+
+def csrf_token() -> str:
+    if "csrf" not in session:
+        session["csrf"] = secrets.token_urlsafe(24)
+    return session["csrf"]
+
+
+def _check_csrf() -> None:
+    """Refuse an unsafe request made with the session cookie unless it carries the token."""
+    if request.method not in UNSAFE or bearer_token():
+        return
+    from flask import current_app
+
+    view = current_app.view_functions.get(request.endpoint or "")
+    if view is None or request.endpoint == "static" or getattr(view, "csrf_exempt", False):
+        return
+    sent = request.headers.get(CSRF_HEADER) or request.form.get(CSRF_FIELD, "")
+    expected = session.get("csrf", "")
+    if not expected or not hmac.compare_digest(str(sent), expected):
+        raise Forbidden("The form has expired or did not come from this portal (CSRF check "
+                        "failed)", hint="reload the page and try again")
+
+
+def csrf_exempt(view: Callable) -> Callable:
+    """Mark a view that checks its own origin (the proxy: the Space's app owns its forms)."""
+    view.csrf_exempt = True
+    return view
+
+
+def require(level: str) -> Callable:
+    """Guard a view: "read" (anyone who may look), "write" (member/admin with a write token
+    or a login), "admin"."""
+
+    def decorate(view: Callable) -> Callable:
+        @wraps(view)
+        def guarded(*args, **kwargs):
+            check(level)
+            return view(*args, **kwargs)
+
+        guarded.required = level
+        return guarded
+
+    return decorate
+
+
+def check(level: str) -> None:
+    who = caller()
+    if level == "read":
+        if who.user is None and not config().portal_public:
+            raise Unauthorized("Log in to see this portal")
+        return
+    if who.user is None:
+        raise Unauthorized("Log in (or send an API token) to do this",
+                           hint="appliance tokens create NAME --user USER --scope write")
+    if level == "write" and not who.can_write:
+        raise Forbidden(_refusal(who, "change Spaces"))
+    if level == "admin" and not who.is_admin:
+        raise Forbidden(_refusal(who, "do this (admins only)"))
+
+
+def _refusal(who: Caller, what: str) -> str:
+    if who.scope != "write":
+        return f"This token is read-only: it cannot {what}"
+    return f"{who.user} is a {who.role} and may not {what}"
+
+
+def may_see(space: dict[str, Any]) -> bool:
+    """Tell whether the caller may see a Space (login-required Spaces need a login)."""
+    if space.get("visibility") == "private":
+        return caller().user is not None
+    return caller().user is not None or config().portal_public
+
+
+def visible_space(space_id: str) -> dict[str, Any]:
+    """The public view of a Space the caller may see; 404 (not 403) for the rest."""
+    from .errors import NotFound
+
+    space = spaces.describe(context(), space_id)
+    if not may_see(space):
+        if caller().user is None:
+            raise Unauthorized(f"Log in to see Space {space_id}")
+        raise NotFound(f"No Space named {space_id}")
+    return space
+
+
+# -- the service context --------------------------------------------------------------------
+
+
+def context() -> spaces.Context:
+    """The request's service Context (one database handle per request, actor = caller)."""
+    if "ctx" not in g:
+        from flask import current_app
+
+        factory = current_app.extensions["appliance.context_factory"]
+        g.ctx = factory(config(), "portal")
+    g.ctx.actor = caller().actor if "caller" in g else "portal"
+    return g.ctx
+
+
+def _close_context(_exc: BaseException | None) -> None:
+    ctx = g.pop("ctx", None)
+    if ctx is not None:
+        ctx.store.close()
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+
+def wants_json() -> bool:
+    return (request.path.startswith("/api/") or bool(bearer_token())
+            or request.accept_mimetypes.best == "application/json")
+
+
+def error_body(status: int, message: str, hint: str | None) -> dict[str, Any]:
+    """The API's one error envelope."""
+    return {"error": {"status": status, "message": message, "hint": hint}}
+
+
+def _render_error(exc: ApplianceError):
+    if request.path.startswith("/api/spaces/") or request.path.startswith("/api/whoami"):
+        from .web_hf import hf_error
+
+        return hf_error(exc)
+    if wants_json():
+        return jsonify(error_body(exc.status, exc.message, exc.hint)), exc.status
+    if exc.status == 401 and request.method == "GET":
+        from flask import redirect, url_for
+
+        return redirect(url_for("pages.login", next=request.full_path.rstrip("?")))
+    return render_template("error.html", status=exc.status, message=exc.message,
+                           hint=exc.hint), exc.status
+
+
+def _render_http_error(exc):
+    status = exc.code
+    message = {404: "Not found", 405: "Method not allowed",
+               413: "The upload is larger than the portal accepts"}.get(status, exc.name)
+    if wants_json():
+        return jsonify(error_body(status, message, None)), status
+    return render_template("error.html", status=status, message=message, hint=None), status
+
+
+def static_root() -> Path:
+    return Path(__file__).parent / "static"
+
+
+__all__ = ["abort", "create_app", "require", "check", "context", "caller", "csrf_exempt"]

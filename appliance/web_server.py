@@ -1,0 +1,50 @@
+"""Run the portal under gunicorn (threaded workers: each proxied stream or WebSocket holds a
+thread, the rest of the worker keeps serving)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+
+from .config import Config
+
+
+class Portal(BaseApplication):
+    def __init__(self, config: Config, options: dict[str, Any]):
+        self.appliance_config = config
+        self.options = options
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self.options.items():
+            self.cfg.set(key, value)
+
+    def load(self):
+        from .web import create_app
+
+        return create_app(self.appliance_config)
+
+
+def options(config: Config, host: str, port: int, workers: int) -> dict[str, Any]:
+    return {
+        "bind": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+        "workers": workers,
+        "worker_class": "gthread",
+        "threads": config.portal_threads,
+        "preload_app": True,
+        # Streams (logs, SSE, WebSockets) stay open for as long as the visitor watches.
+        "timeout": 0,
+        "graceful_timeout": 10,
+        "keepalive": 75,
+        "accesslog": None,
+        "errorlog": "-",
+        "loglevel": "warning",
+        "proc_name": "appliance-portal",
+        "worker_tmp_dir": "/dev/shm",
+        "forwarded_allow_ips": "127.0.0.1,::1",
+    }
+
+
+def serve(config: Config, host: str, port: int, workers: int) -> None:
+    Portal(config, options(config, host, port, workers)).run()
