@@ -252,15 +252,11 @@ def wants_json() -> bool:
 
 
 def error_body(status: int, message: str, hint: str | None) -> dict[str, Any]:
-    """The API's one error envelope."""
-    return {"error": {"status": status, "message": message, "hint": hint}}
+    """The API's one error envelope (its "error" string is also what huggingface_hub shows)."""
+    return {"ok": False, "error": message, "hint": hint, "status": status}
 
 
 def _render_error(exc: ApplianceError):
-    if request.path.startswith("/api/spaces/") or request.path.startswith("/api/whoami"):
-        from .web_hf import hf_error
-
-        return hf_error(exc)
     if wants_json():
         return jsonify(error_body(exc.status, exc.message, exc.hint)), exc.status
     if exc.status == 401 and request.method == "GET":
