@@ -294,7 +294,8 @@ def check_runtime_dir(f: Facts) -> Check:
         detail = f"{path} is owned by uid {st.st_uid} with mode {mode:o}, not {f.uid} with 700"
         fix = f"chown {f.user}:{f.user} {path} && chmod 700 {path}"
         return Check("runtime-dir", "fail", detail, fix)
-    if (host.under(f.root, path) / "libpod").exists() and not host.has_processes(f.account.uid, f.root):
+    stale = (host.under(f.root, path) / "libpod").exists()
+    if stale and not host.has_processes(f.account.uid, f.root):
         # Where /run is not a tmpfs, the state of processes that are gone survives them and
         # every podman command fails with "invalid internal status".
         detail = (f"{path} holds Podman state from processes that are gone (no process of "

@@ -113,3 +113,8 @@ def reconcile_allocations_once(ctx) -> list[str]:
         if row["space_id"] not in held:
             ctx.store.release_allocation(row["space_id"], ctx.actor, "its GPU is gone")
     return messages
+
+
+def inventory_view(ctx) -> dict:
+    """The GPUs as NVML sees them now, with what each Space holds (for the API and pages)."""
+    return {**ctx.read_inventory().to_dict(), "allocations": ctx.store.allocations()}

@@ -399,6 +399,18 @@ def format_size(size: int) -> str:
     return f"{size / GiB:.1f} GiB" if size >= GiB else f"{size / MiB:.1f} MiB"
 
 
+def disk_warning(config: Config) -> str | None:
+    """Say what the portal's banner shows while the data disk is low or full (else None)."""
+    state = _saved_disk_state(config)
+    if state == "full":
+        return (f"The data disk ({config.data_dir}) is almost full: new builds are refused "
+                f"until more than {config.disk_refuse_builds_gb:g} GiB is free.")
+    if state == "low":
+        return (f"The data disk ({config.data_dir}) has less than {config.disk_min_free_gb:g} "
+                "GiB free.")
+    return None
+
+
 def _saved_disk_state(config: Config) -> str:
     try:
         return json.loads(disk_state_path(config).read_text()).get("state") or "ok"

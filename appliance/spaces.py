@@ -75,6 +75,7 @@ def _public(config: Config, row: dict[str, Any]) -> dict[str, Any]:
         "url": f"http://{config.public_host}:{row['port']}/" if row["backend_port"] else None,
         "error": row["error"],
         "hardware": row["hardware"],
+        "visibility": row.get("visibility") or "public",
         "title": row["title"] or row["id"].split("/")[1],
         "emoji": manifest.get("emoji"),
         "short_description": manifest.get("short_description"),
@@ -470,6 +471,12 @@ def request_update(ctx: Context, space_id: str, factory: bool = False,
 
 def restart(ctx: Context, space_id: str) -> dict[str, Any]:
     """Start a fresh container of the current image beside the old one, then switch."""
+    row = restart_check(ctx, space_id)
+    return start_revision(ctx, space_id, row["revision"], row["image"], _manifest(row))
+
+
+def restart_check(ctx: Context, space_id: str) -> dict[str, Any]:
+    """Refuse a restart that cannot happen (busy, no image); return the Space's row."""
     row = recover_abandoned(ctx, space_id)
     _forget_automatic_restarts(ctx, row)
     if row["stage"] in stages.BUSY:
@@ -477,7 +484,7 @@ def restart(ctx: Context, space_id: str) -> dict[str, Any]:
     if not row["image"] or not ctx.runtime.image_exists(row["image"]):
         raise Conflict(f"Space {space_id} has no built image to restart",
                        hint=f"rebuild it with 'appliance spaces restart {space_id} --factory'")
-    return start_revision(ctx, space_id, row["revision"], row["image"], _manifest(row))
+    return row
 
 
 def _forget_automatic_restarts(ctx: Context, row: dict[str, Any]) -> None:

@@ -63,8 +63,8 @@ def create_app(config: Config | None = None, context_factory: Callable[..., Any]
         PERMANENT_SESSION_LIFETIME=timedelta(hours=config.session_hours),
         MAX_CONTENT_LENGTH=16 << 20,
         SEND_FILE_MAX_AGE_DEFAULT=3600,
-        JSON_SORT_KEYS=False,
     )
+    app.json.sort_keys = False
     app.extensions["appliance.config"] = config
     app.extensions["appliance.context_factory"] = context_factory or (
         lambda cfg, actor: spaces.open_context(cfg, actor=actor))
@@ -168,8 +168,8 @@ def csrf_exempt(view: Callable) -> Callable:
 
 
 def require(level: str) -> Callable:
-    """Guard a view: "read" (anyone who may look), "write" (member/admin with a write token
-    or a login), "admin"."""
+    """Guard a view: "read" (anyone who may look), "user" (anyone logged in), "write"
+    (member/admin with a login or a write token), "admin"."""
 
     def decorate(view: Callable) -> Callable:
         @wraps(view)
@@ -189,6 +189,10 @@ def check(level: str) -> None:
         if who.user is None and not config().portal_public:
             raise Unauthorized("Log in to see this portal")
         return
+    if level == "user":
+        if who.user is None:
+            raise Unauthorized("Log in to see this page")
+        return
     if who.user is None:
         raise Unauthorized("Log in (or send an API token) to do this",
                            hint="appliance tokens create NAME --user USER --scope write")
@@ -202,6 +206,23 @@ def _refusal(who: Caller, what: str) -> str:
     if who.scope != "write":
         return f"This token is read-only: it cannot {what}"
     return f"{who.user} is a {who.role} and may not {what}"
+
+
+def may_manage(space_id: str) -> bool:
+    """Admins manage every Space; members the ones they added (portal or API)."""
+    who = caller()
+    if who.is_admin:
+        return True
+    if not who.can_write:
+        return False
+    via, _, user = (context().store.get_space(space_id).get("created_by") or "").partition(":")
+    return via in ("session", "token") and user == who.user
+
+
+def check_manage(space_id: str) -> None:
+    check("write")
+    if not may_manage(space_id):
+        raise Forbidden(f"Only an admin or the member who added {space_id} may change it")
 
 
 def may_see(space: dict[str, Any]) -> bool:

@@ -17,9 +17,14 @@ LAYERS = {
     "cli_common": "edge",
     "cli_spaces": "edge",
     "cli_gpus": "edge",
+    "cli_portal": "edge",
     "web": "edge",
-    "api": "edge",
-    "portal": "edge",
+    "web_pages": "edge",
+    "web_api": "edge",
+    "web_hf": "edge",
+    "web_proxy": "edge",
+    "web_offline": "edge",
+    "web_server": "edge",
     "scheduler": "edge",
     "spaces": "service",
     "builds": "service",
@@ -34,6 +39,8 @@ LAYERS = {
     "updates": "service",
     "sleep": "service",
     "telemetry": "service",
+    "users": "service",
+    "space_actions": "service",
     "store": "adapter",
     "runtime": "adapter",
     "sources": "adapter",
@@ -58,7 +65,8 @@ MAY_IMPORT = {
 }
 
 # third-party library -> the one module allowed to import it.
-WRAPPED_BY = {"sqlite_utils": "store", "podman": "runtime", "pynvml": "gpu"}
+WRAPPED_BY = {"sqlite_utils": "store", "podman": "runtime", "pynvml": "gpu",
+              "gunicorn": "web_server"}
 
 SUBPROCESS_CALLS = {
     ("subprocess", "run"), ("subprocess", "Popen"), ("subprocess", "call"),
