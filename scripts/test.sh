@@ -6,6 +6,13 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [ "$(id -u)" -ne 0 ]; then exec sudo -E bash "$0" "$@"; fi
 bash "$REPO/scripts/setup.sh"
 
+# The browser tests drive Debian's Chromium (no browser download: there is no internet).
+if ! dpkg-query -W -f='${Status}' chromium 2>/dev/null | grep -q "install ok installed"; then
+  echo "==> Installing chromium for the browser tests"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
+
 cd "$REPO"
 if [ ! -x .venv/bin/python ]; then
   /usr/bin/python3 -m venv .venv
