@@ -193,6 +193,12 @@ def check(level: str) -> None:
         if who.user is None:
             raise Unauthorized("Log in to see this page")
         return
+    if level == "account":  # a person's own credentials: any role, never a read-only token
+        if who.user is None:
+            raise Unauthorized("Log in (or send a write token) to manage tokens")
+        if who.scope != "write":
+            raise Forbidden(_refusal(who, "manage tokens"))
+        return
     if who.user is None:
         raise Unauthorized("Log in (or send an API token) to do this",
                            hint="appliance tokens create NAME --user USER --scope write")

@@ -17,7 +17,6 @@ from .errors import InvalidInput
 from .web import caller, check, check_manage, context, may_see, require, visible_space
 
 PREFIX = "/api/v1"
-bp = Blueprint("api", __name__, url_prefix=PREFIX)
 
 
 def _body() -> dict[str, Any]:
@@ -185,8 +184,8 @@ def create_token():
     if user != who.user:
         check("admin")
     scope = str(data.get("scope", "read"))
-    if scope == "write" and who.scope != "write":
-        raise users.Forbidden("A read-only token cannot create a write token")
+    if scope == "write" and not who.can_write:
+        raise users.Forbidden(f"{who.user} is a {who.role}: only read tokens")
     token_id, token = users.create_token(context().store, str(data.get("name", "")), user,
                                          scope, who.actor)
     return jsonify({"id": token_id, "token": token, "user": user, "scope": scope}), 201
@@ -229,13 +228,14 @@ ROUTES: tuple[tuple[str, str, Callable, str, str], ...] = (
     ("POST", "/users", add_user, "admin", "Add a user"),
     ("DELETE", "/users/<name>", delete_user, "admin", "Delete a user"),
     ("GET", "/tokens", list_tokens, "user", "List tokens (own; every token for admins)"),
-    ("POST", "/tokens", create_token, "user", "Create a token; its value is shown once"),
-    ("DELETE", "/tokens/<int:token_id>", revoke_token, "user", "Revoke a token"),
+    ("POST", "/tokens", create_token, "account", "Create a token; its value is shown once"),
+    ("DELETE", "/tokens/<int:token_id>", revoke_token, "account", "Revoke a token"),
     ("GET", "/openapi.json", openapi, "read", "This document"),
 )
 
 
 def register(app: Flask) -> None:
+    bp = Blueprint("api", __name__, url_prefix=PREFIX)  # one per app: tests make many apps
     for method, path, view, guard, _summary in ROUTES:
         bp.add_url_rule(path, endpoint=f"{method.lower()}_{view.__name__}",
                         view_func=require(guard)(view), methods=[method])

@@ -1,0 +1,372 @@
+"""The portal in a real browser: Debian's Chromium driven by Playwright against a real gunicorn
+portal (`appliance serve`) on real rootless Podman. Log in, add a Space through the form and
+watch its build log stream, use a Gradio and a Streamlit app inside the Space page's iframe,
+open a Space page with the internet cut off, and save screenshots to tests/artifacts/.
+
+The tests run in order and share one portal, one browser page and two Spaces.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import requests
+from conftest import REPO, make_space_repo
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from appliance import stages
+from appliance.config import SETTINGS
+
+pytestmark = pytest.mark.podman
+
+ARTIFACTS = REPO / "tests" / "artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]
+ADMIN, PASSWORD = "admin", "correct horse battery"
+GRADIO, STREAMLIT = "browser/shout", "browser/echo"
+ERRORS = {stages.NO_APP_FILE, stages.CONFIG_ERROR, stages.BUILD_ERROR, stages.RUNTIME_ERROR}
+SPACE_DEADLINE = 420  # a warm deploy takes 10-20 s; a cold SDK layer installs from PyPI
+OFFLINE_LOAD_MS = 15_000
+
+GRADIO_FILES = {
+    "README.md": "---\ntitle: Shouter\nemoji: 📣\ncolorFrom: blue\ncolorTo: green\n"
+                 "sdk: gradio\nsdk_version: 5.9.1\npython_version: 3.11\napp_file: app.py\n"
+                 "short_description: Shouts back what you type\n---\n",
+    "app.py": "import gradio as gr\n\n\n"
+              "def shout(words: str) -> str:\n    return f'{words.upper()}!'\n\n\n"
+              "demo = gr.Interface(fn=shout, inputs=gr.Textbox(label='Words'),\n"
+              "                    outputs=gr.Textbox(label='Shouted'), title='Shouter',\n"
+              "                    flagging_mode='never')\n\n"
+              "if __name__ == '__main__':\n    demo.launch()\n",
+}
+STREAMLIT_FILES = {
+    "README.md": "---\ntitle: Echo\nemoji: 🔁\ncolorFrom: purple\ncolorTo: yellow\n"
+                 "sdk: streamlit\nsdk_version: 1.40.1\napp_file: app.py\n"
+                 "short_description: Echoes what you type\n---\n",
+    "app.py": "import streamlit as st\n\n"
+              "said = st.text_input('Say something')\n"
+              "if said:\n    st.write(f'Echo: {said}')\n",
+}
+
+# Records, from before the portal's own script runs, each change of the build log's <pre>,
+# so the test can tell lines that streamed in from a log delivered in one piece.
+LOG_WATCH = """
+document.addEventListener("DOMContentLoaded", () => {
+  const log = document.getElementById("log");
+  if (!log) return;
+  window.__logGrowth = [];
+  new MutationObserver(() => window.__logGrowth.push(
+    {t: Date.now(), lines: log.textContent.split("\\n").length})
+  ).observe(log, {childList: true, characterData: true, subtree: true});
+});
+"""
+
+
+# -- the portal, the browser, the network ----------------------------------------------------
+
+
+@dataclass
+class Portal:
+    url: str
+    env: dict[str, str]
+    log: Path
+    data_dir: Path
+    sources: Path
+
+    def cli(self, *args: str, stdin: str | None = None,
+            check: bool = True) -> subprocess.CompletedProcess:
+        """Run the `appliance` command with the portal's configuration."""
+        result = subprocess.run([sys.executable, "-m", "appliance.cli", *args], env=self.env,
+                                input=stdin, capture_output=True, text=True, cwd=REPO,
+                                timeout=300)
+        if check:
+            assert result.returncode == 0, (f"appliance {' '.join(args)} failed:\n"
+                                            f"{result.stdout}\n{result.stderr}")
+        return result
+
+    def diagnostics(self) -> str:
+        """The tails of the portal's and the workers' logs, for a failure message."""
+        parts = []
+        for path in (self.log, self.data_dir / "run" / "worker.log"):
+            text = path.read_text(errors="replace") if path.exists() else "(none)"
+            parts.append(f"--- {path} (last lines) ---\n" + "\n".join(text.splitlines()[-30:]))
+        return "\n".join(parts)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def portal(appliance_env, tmp_path_factory):
+    """A real gunicorn portal (`appliance serve`) with appliance_env's configuration, the way
+    jobs.spawn_job hands configuration to a worker; Spaces deleted and gunicorn stopped after."""
+    ctx, sources_dir = appliance_env
+    config = ctx.config
+    env = {**os.environ,
+           **{f"APPLIANCE_{s.name.upper()}": str(config.values[s.name]) for s in SETTINGS},
+           "APPLIANCE_CONFIG_FILE": "/nonexistent/appliance.toml"}
+    port = free_port()
+    ARTIFACTS.mkdir(exist_ok=True)
+    log = ARTIFACTS / "portal.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "appliance.cli", "serve", "--host", "127.0.0.1",
+             "--port", str(port)], env=env, cwd=REPO, stdin=subprocess.DEVNULL, stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True)
+    running = Portal(f"http://127.0.0.1:{port}", env, log, config.data_path, sources_dir)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert process.poll() is None, f"the portal exited:\n{running.diagnostics()}"
+            try:
+                if requests.get(running.url + "/static/portal.css", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, f"no portal after 30 s:\n{running.diagnostics()}"
+            time.sleep(0.2)
+        yield running
+    finally:
+        for space_id in (GRADIO, STREAMLIT):
+            if ctx.store.find_space(space_id) is not None:
+                running.cli("spaces", "delete", space_id, "--yes", check=False)
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def playwright_driver():
+    with sync_playwright() as driver:
+        yield driver
+
+
+@pytest.fixture(scope="module")
+def browser(playwright_driver):
+    launched = playwright_driver.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    yield launched
+    launched.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser: Browser, portal: Portal):
+    """One tab, kept across the tests (so the login carries over)."""
+    context = browser.new_context(base_url=portal.url, viewport={"width": 1280, "height": 900})
+    context.add_init_script(LOG_WATCH)
+    context.set_default_timeout(20_000)
+    tab = context.new_page()
+    yield tab
+    context.close()
+
+
+@pytest.fixture(scope="module")
+def stalling_proxy():
+    """A TCP listener that accepts connections and never answers: the browser's "internet"."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def hold() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=hold, daemon=True)
+    thread.start()
+    yield listener.getsockname()[1]
+    stop.set()
+    thread.join()
+    for conn in held:
+        conn.close()
+    listener.close()
+
+
+def space_view(page: Page, space_id: str) -> dict:
+    response = page.request.get(f"/api/v1/spaces/{space_id}")
+    assert response.ok, f"GET /api/v1/spaces/{space_id}: {response.status} {response.text()}"
+    return response.json()
+
+
+def wait_until_running(page: Page, portal: Portal, space_id: str) -> dict:
+    """Poll the API (with the browser's session) until the Space runs; fail on an error stage."""
+    started = time.monotonic()
+    while True:
+        view = space_view(page, space_id)
+        if view["stage"] == stages.RUNNING:
+            print(f"\n{space_id} RUNNING {time.monotonic() - started:.1f} s after the wait began")
+            return view
+        assert view["stage"] not in ERRORS, (
+            f"{space_id} landed in {view['stage']}: {view['error']}\n{portal.diagnostics()}")
+        assert time.monotonic() - started < SPACE_DEADLINE, (
+            f"{space_id} still {view['stage']} after {SPACE_DEADLINE} s\n{portal.diagnostics()}")
+        time.sleep(0.5)
+
+
+def add_through_form(page: Page, portal: Portal, space_id: str, files: dict[str, str]) -> None:
+    repo = make_space_repo(portal.sources / space_id.replace("/", "-"), files)
+    page.goto("/new")
+    page.locator("input[name=source]").fill(str(repo))
+    page.locator("input[name=name]").fill(space_id)
+    page.get_by_role("button", name="Add and build").click()
+    expect(page).to_have_url(f"{portal.url}/spaces/{space_id}/logs")
+
+
+def is_loopback(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme not in ("http", "https", "ws", "wss") or parts.hostname in (
+        "127.0.0.1", "localhost", "::1")
+
+
+def gradio_answers(frame, words: str) -> None:
+    frame.get_by_label("Words").fill(words)
+    frame.get_by_role("button", name="Submit").click()
+    expect(frame.get_by_label("Shouted")).to_have_value(f"{words.upper()}!", timeout=20_000)
+
+
+def screenshot(page: Page, name: str) -> None:
+    page.screenshot(path=str(ARTIFACTS / name), full_page=True)
+
+
+# -- the flow ----------------------------------------------------------------------------------
+
+
+def test_login_shows_the_error_for_a_wrong_password_then_logs_in(portal, page):
+    portal.cli("users", "add", ADMIN, "--role", "admin", stdin=PASSWORD + "\n")
+    page.goto("/login")
+    page.get_by_label("User name").fill(ADMIN)
+    page.get_by_label("Password").fill("not the password")
+    page.get_by_role("button", name="Log in").click()
+    expect(page.locator(".flash.error")).to_contain_text("Wrong user name or password")
+    expect(page.get_by_role("link", name="New Space")).to_have_count(0)
+
+    page.get_by_label("User name").fill(ADMIN)
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Log in").click()
+    expect(page).to_have_url(portal.url + "/")
+    expect(page.get_by_role("link", name="New Space")).to_be_visible()
+    expect(page.get_by_role("link", name=ADMIN, exact=True)).to_be_visible()
+
+
+def test_new_space_form_streams_the_build_log_while_it_builds(portal, page):
+    started = time.monotonic()
+    add_through_form(page, portal, GRADIO, GRADIO_FILES)
+    log = page.locator("pre#log")
+    expect(log).to_contain_text("==> Fetching", timeout=60_000)
+    stage = space_view(page, GRADIO)["stage"]
+    assert stage in stages.BUSY, f"the first build lines came after the build ({stage})"
+    expect(page.locator("#log-status")).to_have_text("The log ended.", timeout=SPACE_DEADLINE
+                                                     * 1000)
+    text = log.text_content() or ""
+    assert "==> Revision " in text and "==> Building localhost/" in text, text
+    growth = page.evaluate("window.__logGrowth")
+    assert len({g["lines"] for g in growth}) >= 3, (
+        f"the log did not stream in line by line: {growth}\n{text}")
+    print(f"\nbuild log of {GRADIO} streamed in {len(growth)} updates, "
+          f"{time.monotonic() - started:.1f} s from the form")
+
+    # The second Space builds while the first one starts.
+    add_through_form(page, portal, STREAMLIT, STREAMLIT_FILES)
+    expect(page.locator("pre#log")).to_contain_text("==> Fetching", timeout=60_000)
+
+
+def test_gradio_app_answers_inside_the_space_page(portal, page):
+    wait_until_running(page, portal, GRADIO)
+    started = time.monotonic()
+    page.goto(f"/spaces/{GRADIO}")
+    iframe = page.locator("iframe#app")
+    expect(iframe).to_have_attribute("src", f"/s/{GRADIO.replace('/', '--')}/")
+    gradio_answers(page.frame_locator("iframe#app"), "hello browser")
+    print(f"\n{GRADIO} answered in the iframe {time.monotonic() - started:.1f} s after goto")
+    screenshot(page, "space-gradio.png")
+
+
+def test_streamlit_app_answers_over_its_websocket_inside_the_space_page(portal, page):
+    wait_until_running(page, portal, STREAMLIT)
+    started = time.monotonic()
+    sockets: list[str] = []
+    page.on("websocket", lambda ws: sockets.append(ws.url))
+    page.goto(f"/spaces/{STREAMLIT}")
+    expect(page.locator("iframe#app")).to_have_attribute(
+        "src", f"/s/{STREAMLIT.replace('/', '--')}/")
+    frame = page.frame_locator("iframe#app")
+    box = frame.get_by_label("Say something")
+    box.fill("over the proxy")
+    box.press("Enter")
+    expect(frame.get_by_text("Echo: over the proxy")).to_be_visible(timeout=20_000)
+    assert any(f"/s/{STREAMLIT.replace('/', '--')}/" in url for url in sockets), (
+        f"Streamlit's WebSocket did not go through the proxy: {sockets}")
+    print(f"\n{STREAMLIT} answered in the iframe {time.monotonic() - started:.1f} s after goto")
+    screenshot(page, "space-streamlit.png")
+
+
+def test_home_page_shows_a_card_per_space(portal, page):
+    page.goto("/")
+    for space_id in (GRADIO, STREAMLIT):
+        card = page.locator(f"li.card[data-space='{space_id}']")
+        expect(card).to_be_visible()
+        expect(card.locator("[data-stage]")).to_have_attribute("data-stage", stages.RUNNING)
+    expect(page.locator("li.card[data-space='browser/shout'] h2")).to_have_text("Shouter")
+    screenshot(page, "home.png")
+
+
+def test_gradio_space_page_loads_and_answers_with_no_internet(portal, page, playwright_driver,
+                                                              stalling_proxy):
+    cookies = page.context.cookies()
+    offline = playwright_driver.chromium.launch(
+        executable_path=CHROMIUM,
+        args=[*CHROMIUM_ARGS, f"--proxy-server=http://127.0.0.1:{stalling_proxy}",
+              # Chromium never proxies loopback unless told to (<-loopback>): only the
+              # internet goes to the listener that never answers.
+              "--proxy-bypass-list=127.0.0.1;localhost;[::1]"])
+    try:
+        context = offline.new_context(base_url=portal.url,
+                                      viewport={"width": 1280, "height": 900})
+        context.add_cookies(cookies)
+        tab = context.new_page()
+        tried: list[str] = []
+        tab.on("request", lambda r: tried.append(r.url) if not is_loopback(r.url) else None)
+        started = time.monotonic()
+        try:
+            tab.goto(f"/spaces/{GRADIO}", wait_until="load", timeout=OFFLINE_LOAD_MS)
+        except Exception as exc:  # noqa: BLE001 - the assertion says what the page waited on
+            pytest.fail(f"the Space page's load event did not fire within "
+                        f"{OFFLINE_LOAD_MS / 1000:.0f} s with no internet ({exc}); "
+                        f"requests that left the box: {json.dumps(tried, indent=1)}")
+        loaded = time.monotonic() - started
+        gradio_answers(tab.frame_locator("iframe#app"), "no internet")
+        print(f"\noffline: load event after {loaded:.1f} s; tried to leave the box: {tried}")
+        screenshot(tab, "space-gradio-offline.png")
+    finally:
+        offline.close()
+
+
+def test_screenshots_were_saved():
+    for name in ("home.png", "space-gradio.png", "space-streamlit.png",
+                 "space-gradio-offline.png"):
+        path = ARTIFACTS / name
+        assert path.is_file(), f"{path} was not written"
+        assert path.stat().st_size > 10_000, f"{path} is only {path.stat().st_size} bytes"
