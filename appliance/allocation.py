@@ -148,6 +148,17 @@ def parse_hardware(text: str) -> HardwareRequest:
     raise InvalidInput(f"Hardware {text!r} is not a hardware request", hint=f"use one of: {FORMS}")
 
 
+def flavor_request(flavor: str) -> str | None:
+    """Map a Hugging Face hardware flavor to this box's request (whole GPUs or the CPU)."""
+    value = flavor.strip().lower()
+    if value not in _FLAVORS:
+        return None
+    spec = _FLAVORS[value]
+    if spec is None:
+        return "cpu"
+    return "gpu" if spec[1] == 1 else f"gpu:{spec[1]}"
+
+
 def _flavor_hint(flavor: str) -> str:
     budget = suggested_budget_mib(flavor)
     if budget is None:

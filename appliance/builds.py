@@ -234,24 +234,35 @@ def _label_line(labels: dict[str, str]) -> str:
     return "LABEL " + " ".join(f"{json.dumps(k)}={json.dumps(v)}" for k, v in labels.items())
 
 
+class Redactor:
+    """Replace every secret value in a text with ***."""
+
+    def __init__(self, secrets: list[str] | tuple[str, ...]):
+        # Output arrives a line at a time, so a multi-line secret (a PEM key) is redacted
+        # line by line as well as whole.
+        pieces = set(secrets) | {line.strip() for s in secrets if "\n" in s
+                                 for line in s.splitlines()}
+        self._secrets = sorted((s for s in pieces if len(s) >= 3), key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+
+def redact(text: str, secrets: list[str] | tuple[str, ...]) -> str:
+    return Redactor(secrets)(text)
+
+
 class BuildLog:
     """A build log file that never stores a secret value (each is replaced by ***)."""
 
     def __init__(self, path: Path, secrets: list[str]):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        # Output arrives a line at a time, so a multi-line secret (a PEM key) is redacted
-        # line by line as well as whole.
-        pieces = set(secrets) | {line.strip() for s in secrets if "\n" in s
-                                 for line in s.splitlines()}
-        self._secrets = sorted((s for s in pieces if len(s) >= 3), key=len, reverse=True)
+        self.redact = Redactor(secrets)
         self._fh = open(path, "a", encoding="utf-8")
         self.tail: list[str] = []
-
-    def redact(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
 
     def __call__(self, line: str) -> None:
         line = self.redact(line.rstrip("\n"))

@@ -69,7 +69,7 @@ def restart_or_give_up(ctx: spaces.Context, row: dict[str, Any], reason: str, jo
 
 
 def _give_up(ctx: spaces.Context, row: dict[str, Any], reason: str, count: int) -> None:
-    tail = ctx.runtime.logs(row["container"], tail=30).strip() if row["container"] else ""
+    tail = spaces.app_log(ctx, row["id"], tail=30).strip()
     minutes = ctx.config.restart_window / 60
     message = (f"{reason}; restarted {count} times in {minutes:g} minutes, so the appliance "
                f"stopped restarting it. Fix the app, then 'appliance spaces restart "

@@ -357,10 +357,20 @@ class Runtime:
         except (podman.errors.APIError, requests.RequestException) as exc:
             raise RuntimeUnavailable(f"Podman could not read the log of {name}: {exc}") from None
 
-    def follow_logs(self, name: str) -> Iterator[str]:
-        container = self.client.containers.get(name)
-        for chunk in container.logs(stdout=True, stderr=True, stream=True, follow=True):
-            yield chunk.decode("utf-8", "replace")
+    def follow_logs(self, name: str, tail: int | None = None) -> Iterator[str]:
+        """Yield the container's log (its last `tail` lines, or all) and then new output
+        until it stops; a container that is gone ends the stream."""
+        options = {"tail": tail} if tail is not None else {}
+        try:
+            container = self.client.containers.get(name)
+            for chunk in container.logs(stdout=True, stderr=True, stream=True, follow=True,
+                                        **options):
+                yield chunk.decode("utf-8", "replace")
+        except podman.errors.NotFound:
+            return
+        except (podman.errors.APIError, requests.RequestException) as exc:
+            raise RuntimeUnavailable(f"Podman could not follow the log of {name}: {exc}",
+                                     hint="run 'appliance doctor'") from None
 
     def stop(self, name: str, timeout: int = 10) -> None:
         try:

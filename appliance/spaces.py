@@ -251,9 +251,18 @@ def _build_images(ctx: Context, space_id: str, sha: str, checkout: Path, manifes
     return plan.tag, warnings
 
 
+# Every Space runs on a LAN that may have no internet: the SDKs' phone-home at startup
+# (Gradio's analytics and version check, the Hub's telemetry, Streamlit's usage stats) is
+# off, and Gradio serves the page the portal's offline rewrite knows (not its SSR page).
+OFFLINE_ENV = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1",
+               "DO_NOT_TRACK": "1", "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false",
+               "GRADIO_SSR_MODE": "False"}
+
+
 def _container_env(ctx: Context, row: dict[str, Any], manifest: Manifest) -> dict[str, str]:
     owner, name = row["id"].split("/", 1)
     env = {
+        **OFFLINE_ENV,
         "SPACE_ID": row["id"], "SPACE_AUTHOR_NAME": owner, "SPACE_REPO_NAME": name,
         "SPACE_TITLE": manifest.title or name,
         "SPACE_HOST": f"{ctx.config.public_host}:{row['port']}",
@@ -313,14 +322,15 @@ def start_revision(ctx: Context, space_id: str, sha: str, image: str,
     except ApplianceError as exc:
         ctx.runtime.remove_container(name)
         current = ctx.store.get_space(space_id)["stage"]
+        failure = redactor(ctx, space_id)(str(exc))  # the app's log tail may print a secret
         if serving:
             message = (f"Revision {sha[:12]} did not start, so {row['revision'][:12]} keeps "
-                       f"serving: {exc}")
+                       f"serving: {failure}")
             ctx.store.move(space_id, current, stages.RUNNING, ctx.actor, error=message,
                            event="update-failed", detail={"revision": sha})
         else:
             gpus.release(ctx, space_id, "the app did not start")
-            ctx.store.move(space_id, current, stages.RUNTIME_ERROR, ctx.actor, error=str(exc),
+            ctx.store.move(space_id, current, stages.RUNTIME_ERROR, ctx.actor, error=failure,
                            backend_port=None, container=None)
         return describe(ctx, space_id)
     previous = {}
@@ -592,6 +602,19 @@ def set_hardware(ctx: Context, space_id: str, hardware: str) -> dict[str, Any]:
     ctx.store.update_space(space_id, actor=ctx.actor, event="hardware",
                            detail={"hardware": hardware}, hardware=hardware)
     return describe(ctx, space_id)
+
+
+def redactor(ctx: Context, space_id: str) -> builds.Redactor:
+    """What hides the Space's secret values in any text shown to a person (logs, errors)."""
+    return builds.Redactor(list(ctx.store.kv("secrets", space_id).values()))
+
+
+def app_log(ctx: Context, space_id: str, tail: int | None = 200) -> str:
+    """The running app's log tail with secret values hidden ("" when nothing runs)."""
+    row = ctx.store.get_space(space_id)
+    if not row["container"]:
+        return ""
+    return redactor(ctx, space_id)(ctx.runtime.logs(row["container"], tail=tail))
 
 
 def build_log_path(ctx: Context, space_id: str) -> Path | None:

@@ -20,7 +20,7 @@ from flask import Flask, abort, g, jsonify, render_template, request, session
 
 from . import spaces, users
 from .config import Config, load_config
-from .errors import ApplianceError
+from .errors import ApplianceError, InvalidInput
 from .store import open_store
 from .users import ANONYMOUS, Caller, Forbidden, Unauthorized
 
@@ -248,6 +248,19 @@ def visible_space(space_id: str) -> dict[str, Any]:
             raise Unauthorized(f"Log in to see Space {space_id}")
         raise NotFound(f"No Space named {space_id}")
     return space
+
+
+def json_body() -> dict[str, Any]:
+    """The request's JSON object ({} when there is no body); refuse anything else clearly."""
+    data = request.get_json(silent=True)
+    if data is None:
+        if request.content_length:
+            raise InvalidInput("The request body is not JSON",
+                               hint="send Content-Type: application/json")
+        return {}
+    if not isinstance(data, dict):
+        raise InvalidInput("The request body must be a JSON object")
+    return data
 
 
 # -- the service context --------------------------------------------------------------------

@@ -14,21 +14,19 @@ from flask import Blueprint, Flask, jsonify, request
 
 from . import doctor, gpus, space_actions, spaces, users
 from .errors import InvalidInput
-from .web import caller, check, check_manage, context, may_see, require, visible_space
+from .web import (
+    caller,
+    check,
+    check_manage,
+    context,
+    json_body,
+    may_see,
+    require,
+    visible_space,
+)
 
 PREFIX = "/api/v1"
 
-
-def _body() -> dict[str, Any]:
-    data = request.get_json(silent=True)
-    if data is None:
-        if request.content_length:
-            raise InvalidInput("The request body is not JSON",
-                               hint="send Content-Type: application/json")
-        return {}
-    if not isinstance(data, dict):
-        raise InvalidInput("The request body must be a JSON object")
-    return data
 
 
 def _space_id(owner: str, name: str) -> str:
@@ -49,7 +47,7 @@ def list_spaces():
 
 
 def add_space():
-    data = _body()
+    data = json_body()
     if not data.get("source"):
         raise InvalidInput("'source' is required (a Space URL, hf:// id, git URL or path)")
     space = space_actions.add(context(), str(data["source"]), name=data.get("name"),
@@ -70,7 +68,8 @@ def delete_space(owner: str, name: str):
 
 def act(owner: str, name: str, action: str):
     space_id = _managed(owner, name)
-    view = space_actions.perform(context(), space_id, action, revision=_body().get("revision"))
+    view = space_actions.perform(context(), space_id, action,
+                                 revision=json_body().get("revision"))
     return jsonify(view), 202
 
 
@@ -87,16 +86,16 @@ def space_logs(owner: str, name: str):
 
 def set_hardware(owner: str, name: str):
     return jsonify(spaces.set_hardware(context(), _managed(owner, name),
-                                       str(_body().get("hardware", ""))))
+                                       str(json_body().get("hardware", ""))))
 
 
 def set_sleep_time(owner: str, name: str):
     return jsonify(space_actions.set_sleep_time(context(), _managed(owner, name),
-                                                _body().get("seconds")))
+                                                json_body().get("seconds")))
 
 
 def set_update_policy(owner: str, name: str):
-    data = _body()
+    data = json_body()
     return jsonify(space_actions.set_update_policy(
         context(), _managed(owner, name), str(data.get("policy", "")), data.get("interval"),
         data.get("revision")))
@@ -104,7 +103,7 @@ def set_update_policy(owner: str, name: str):
 
 def set_visibility(owner: str, name: str):
     return jsonify(space_actions.set_visibility(context(), _managed(owner, name),
-                                                str(_body().get("visibility", ""))))
+                                                str(json_body().get("visibility", ""))))
 
 
 def list_kv(owner: str, name: str, kind: str):
@@ -118,7 +117,7 @@ def list_kv(owner: str, name: str, kind: str):
 
 def set_kv(owner: str, name: str, kind: str, key: str):
     space_id = _managed(owner, name)
-    spaces.set_value(context(), kind, space_id, key, str(_body().get("value", "")))
+    spaces.set_value(context(), kind, space_id, key, str(json_body().get("value", "")))
     return jsonify({"ok": True, "key": key})
 
 
@@ -162,7 +161,7 @@ def list_users():
 
 
 def add_user():
-    data = _body()
+    data = json_body()
     return jsonify(users.add_user(context().store, str(data.get("name", "")),
                                   str(data.get("role", "member")), str(data.get("password", "")),
                                   caller().actor)), 201
@@ -179,7 +178,7 @@ def list_tokens():
 
 
 def create_token():
-    data, who = _body(), caller()
+    data, who = json_body(), caller()
     user = str(data.get("user") or who.user)
     if user != who.user:
         check("admin")

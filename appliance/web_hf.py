@@ -13,13 +13,15 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from datetime import UTC, datetime
 from typing import Any
 
-from flask import Blueprint, Flask, Response, jsonify, request, stream_with_context
+from flask import Blueprint, Flask, Response, jsonify, request
 
-from . import space_actions, spaces, stages
+from . import allocation, builds, space_actions, spaces, stages
 from .errors import ApplianceError, Conflict, InvalidInput, NotFound
+from .store import open_store
 from .users import Unauthorized
 from .web import (
     UNSAFE,
@@ -31,30 +33,22 @@ from .web import (
     context,
     csrf_exempt,
     error_body,
+    json_body,
     require,
     visible_space,
 )
 
 bp = Blueprint("hf", __name__)
+Line = tuple[str, bool] | None  # (text, came after the request), or None: a silence
 SPACE = "/api/spaces/<owner>/<name>"
 NEVER = -1  # huggingface_hub's sleep time for "never sleep"
 RUN_LOG_TAIL = 1000
 # Comments keep a followed log stream open through silences; huggingface_hub waits 120 s for a
-# line when following and 5 s when not, so a gap longer than 5 s lets a one-shot read end.
-KEEPALIVE_SECONDS = 30.0
+# line when following and 5 s when not, so a gap longer than 5 s lets a one-shot read end (and
+# the next comment tells the server it left, freeing the portal's thread).
+KEEPALIVE_SECONDS = 10.0
 POLL_SECONDS = 0.25
 
-# Hugging Face hardware flavors -> the request this box understands. A flavor rents a kind of
-# card; here it means "whole GPUs, this many" (or the CPU), whatever this box's cards are.
-_FLAVOR_REQUESTS = {
-    **dict.fromkeys(("cpu-basic", "cpu-upgrade", "cpu-performance", "cpu-xl"), "cpu"),
-    **dict.fromkeys(("t4-small", "t4-medium", "l4x1", "l40sx1", "a10g-small", "a10g-large",
-                     "a100-large", "h100", "h200", "rtx-pro-6000", "zero-a10g"), "gpu"),
-    **dict.fromkeys(("a10g-largex2", "h200x2", "rtx-pro-6000x2"), "gpu:2"),
-    **dict.fromkeys(("l4x4", "l40sx4", "a10g-largex4", "a100x4", "h200x4", "rtx-pro-6000x4"),
-                    "gpu:4"),
-    **dict.fromkeys(("l40sx8", "a100x8", "h100x8", "h200x8", "rtx-pro-6000x8"), "gpu:8"),
-}
 
 
 class SpaceNotFound(NotFound):
@@ -179,7 +173,7 @@ def set_sleep_time(owner: str, name: str):
     """HfApi.set_space_sleep_time: seconds idle before sleeping; -1 never sleeps."""
     space = _managed(owner, name)
     view = space_actions.set_sleep_time(context(), space["id"],
-                                        _sleep_seconds(_body().get("seconds")))
+                                        _sleep_seconds(json_body().get("seconds")))
     return jsonify(_runtime(view))
 
 
@@ -189,7 +183,7 @@ def request_hardware(owner: str, name: str):
     """HfApi.request_space_hardware: a flavor (or this box's own request), applied at the
     next restart; "sleepTimeSeconds" sets the sleep time too."""
     space = _managed(owner, name)
-    data = _body()
+    data = json_body()
     ctx = context()
     view = spaces.set_hardware(ctx, space["id"], hardware_request(data.get("flavor")))
     if "sleepTimeSeconds" in data:
@@ -203,7 +197,7 @@ def hardware_request(flavor: Any) -> str:
     if not isinstance(flavor, str) or not flavor.strip():
         raise InvalidInput("Send the hardware as JSON {\"flavor\": NAME}",
                            hint="e.g. cpu-basic, t4-small, or this box's gpu, gpu:2, shared:8g")
-    return _FLAVOR_REQUESTS.get(flavor.strip().lower(), flavor)
+    return allocation.flavor_request(flavor) or flavor
 
 
 # -- secrets and variables --------------------------------------------------------------------
@@ -224,7 +218,7 @@ def get_secrets(owner: str, name: str):
 def add_secret(owner: str, name: str):
     """HfApi.add_space_secret (the description is not kept); applied at the next start."""
     space = _managed(owner, name)
-    key, value = _key_value(_body())
+    key, value = _key_value(json_body())
     spaces.set_value(context(), "secrets", space["id"], key, value)
     return jsonify({})
 
@@ -235,7 +229,7 @@ def delete_secret(owner: str, name: str):
     """HfApi.delete_space_secret."""
     space = _managed(owner, name)
     ctx = context()
-    ctx.store.delete_kv("secrets", space["id"], _key(_body()), ctx.actor)
+    ctx.store.delete_kv("secrets", space["id"], _key(json_body()), ctx.actor)
     return jsonify({})
 
 
@@ -253,7 +247,7 @@ def get_variables(owner: str, name: str):
 def add_variable(owner: str, name: str):
     """HfApi.add_space_variable (the description is not kept); answers every variable."""
     space = _managed(owner, name)
-    key, value = _key_value(_body())
+    key, value = _key_value(json_body())
     spaces.set_value(context(), "variables", space["id"], key, value)
     return jsonify(_variables(space["id"]))
 
@@ -264,7 +258,7 @@ def delete_variable(owner: str, name: str):
     """HfApi.delete_space_variable; answers the variables left."""
     space = _managed(owner, name)
     ctx = context()
-    ctx.store.delete_kv("variables", space["id"], _key(_body()), ctx.actor)
+    ctx.store.delete_kv("variables", space["id"], _key(json_body()), ctx.actor)
     return jsonify(_variables(space["id"]))
 
 
@@ -288,44 +282,58 @@ def space_logs(owner: str, name: str, kind: str):
     else:
         tail = request.args.get("tail", type=int) or RUN_LOG_TAIL
         lines = _run_lines(ctx, space, tail)
-    return Response(stream_with_context(_events(lines, redact)), mimetype="text/event-stream",
+    return Response(_events(lines, redact, _hf_now()), mimetype="text/event-stream",
                     headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
 
-def _events(lines: Iterator[str | None], redact: Callable[[str], str]) -> Iterator[str]:
-    """Turn lines (None: nothing new for a while) into SSE events and keep-alive comments."""
+def _events(lines: Iterator[Line], redact: Callable[[str], str], asked_at: str
+            ) -> Iterator[str]:
+    """Turn lines into SSE events and silences into keep-alive comments.
+
+    Lines that were there when asked are stamped with that time, new ones with their own:
+    a one-shot read keeps the first and stops at the first of the others.
+    """
     for line in lines:
         if line is None:
             yield ": keep-alive\n\n"
             continue
-        event = {"data": redact(line) + "\n", "timestamp": _hf_now()}
+        text, new = line
+        event = {"data": redact(text) + "\n", "timestamp": _hf_now() if new else asked_at}
         yield f"data: {json.dumps(event)}\n\n"
 
 
-def _build_lines(ctx: spaces.Context, space_id: str) -> Iterator[str | None]:
+def _build_lines(ctx: spaces.Context, space_id: str) -> Iterator[Line]:
     path = spaces.build_log_path(ctx, space_id)
     if path is None or not path.exists():
         raise NotFound(f"Space {space_id} has no build log yet",
                        hint="it has not been built; restart it with factory_reboot=True")
 
-    def running() -> bool:
-        latest = ctx.store.latest_build(space_id)
-        return bool(latest and latest["status"] == "running" and latest["log_path"] == str(path))
+    db_path = ctx.config.db_path
 
-    def follow() -> Iterator[str | None]:
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            quiet_since = time.monotonic()
+    def follow() -> Iterator[Line]:
+        # The request's store is closed once the view returns (teardown runs before the
+        # stream does), so the stream watches the build through a handle of its own.
+        store = open_store(db_path)
+
+        def running() -> bool:
+            latest = store.latest_build(space_id)
+            return bool(latest and latest["status"] == "running"
+                        and latest["log_path"] == str(path))
+
+        with closing(store), open(path, encoding="utf-8", errors="replace") as fh:
+            quiet_since, new = time.monotonic(), False
             while True:
                 start = fh.tell()
                 line = fh.readline()
                 if line.endswith("\n"):
                     quiet_since = time.monotonic()
-                    yield line[:-1]
+                    yield line[:-1], new
                     continue
                 if not running():
                     rest = line + fh.read()
-                    yield from rest.splitlines()
+                    yield from ((text, new) for text in rest.splitlines())
                     return
+                new = True  # everything after the first end of file came while streaming
                 fh.seek(start)  # a line half written: read it again once it is whole
                 if time.monotonic() - quiet_since >= KEEPALIVE_SECONDS:
                     quiet_since = time.monotonic()
@@ -335,8 +343,7 @@ def _build_lines(ctx: spaces.Context, space_id: str) -> Iterator[str | None]:
     return follow()
 
 
-def _run_lines(ctx: spaces.Context, space: dict[str, Any], tail: int
-               ) -> Iterator[str | None]:
+def _run_lines(ctx: spaces.Context, space: dict[str, Any], tail: int) -> Iterator[Line]:
     container = ctx.store.get_space(space["id"])["container"]
     if not container:
         raise Conflict(f"Space {space['id']} has no running app ({space['stage']})",
@@ -365,8 +372,8 @@ def _run_lines(ctx: spaces.Context, space: dict[str, Any], tail: int
             pass
         offer(None)
 
-    def follow() -> Iterator[str | None]:
-        yield from seen[-tail:]
+    def follow() -> Iterator[Line]:
+        yield from ((text, False) for text in seen[-tail:])
         reader = threading.Thread(target=read, name=f"hf-logs-{space['id']}", daemon=True)
         reader.start()
         skip, partial = len(seen), ""
@@ -379,14 +386,14 @@ def _run_lines(ctx: spaces.Context, space: dict[str, Any], tail: int
                     continue
                 if chunk is None:
                     if partial and skip <= 0:
-                        yield partial
+                        yield partial, True
                     return
                 *whole, partial = (partial + chunk).split("\n")
-                for line in whole:
+                for text in whole:
                     if skip > 0:
                         skip -= 1
                     else:
-                        yield line
+                        yield text, True
         finally:
             stop.set()
 
@@ -399,19 +406,8 @@ def _split_lines(text: str) -> list[str]:
 
 
 def _redactor(space_id: str) -> Callable[[str], str]:
-    """Replace each of the Space's secret values (and each line of a multi-line one) with
-    ***, as build logs do: app logs and startup errors are not redacted where written."""
-    secrets = list(context().store.kv("secrets", space_id).values())
-    pieces = set(secrets) | {part.strip() for s in secrets if "\n" in s
-                             for part in s.splitlines()}
-    ordered = sorted((p for p in pieces if len(p) >= 3), key=len, reverse=True)
-
-    def redact(text: str) -> str:
-        for piece in ordered:
-            text = text.replace(piece, "***")
-        return text
-
-    return redact
+    """Replace each of the Space's secret values with *** (as build logs do)."""
+    return builds.Redactor(list(context().store.kv("secrets", space_id).values()))
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -429,17 +425,6 @@ def _managed(owner: str, name: str) -> dict[str, Any]:
     check_manage(space["id"])
     return space
 
-
-def _body() -> dict[str, Any]:
-    data = request.get_json(silent=True)
-    if data is None:
-        if request.content_length:
-            raise InvalidInput("The request body is not JSON",
-                               hint="send Content-Type: application/json")
-        return {}
-    if not isinstance(data, dict):
-        raise InvalidInput("The request body must be a JSON object")
-    return data
 
 
 def _key(data: dict[str, Any]) -> str:

@@ -133,10 +133,9 @@ def space(owner: str, name: str):
 
 def _log_tail(s: dict[str, Any], lines: int = 40) -> str:
     ctx = context()
-    row = ctx.store.get_space(s["id"])
     try:
-        if row["container"]:
-            return ctx.runtime.logs(row["container"], tail=lines)
+        if ctx.store.get_space(s["id"])["container"]:
+            return spaces.app_log(ctx, s["id"], tail=lines)
     except ApplianceError:
         pass
     path = spaces.build_log_path(ctx, s["id"])
@@ -200,12 +199,13 @@ def run_log_lines(space_id: str, follow: bool = True) -> Iterator[str]:
     if not row["container"]:
         yield f"(no running app: the Space is {row['stage']})"
         return
+    redact = spaces.redactor(ctx, space_id)
     try:
         if not follow:
-            yield from ctx.runtime.logs(row["container"], tail=LOG_TAIL).splitlines()
+            yield from spaces.app_log(ctx, space_id, tail=LOG_TAIL).splitlines()
             return
-        for chunk in ctx.runtime.follow_logs(row["container"]):
-            yield from chunk.splitlines()
+        for chunk in ctx.runtime.follow_logs(row["container"], tail=LOG_TAIL):
+            yield from redact(chunk).splitlines()
     except ApplianceError as exc:
         yield f"(log unavailable: {exc.message})"
 

@@ -47,6 +47,7 @@ LAYERS = {
     "host": "adapter",
     "gpu": "adapter",
     "router": "adapter",
+    "health_streamlit": "adapter",
     "manifest": "adapter",
     "config": "adapter",
     "errors": "adapter",

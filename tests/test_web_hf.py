@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -247,6 +249,22 @@ def test_viewers_and_other_members_may_not_change_alices_space(box):
         str(caught.value)
 
 
+def test_a_portal_login_cannot_change_spaces_through_this_api(box):
+    """A browser's cookie rides along on any site's form post; only tokens may change here."""
+    endpoint, _, _ = box
+    browser = requests.Session()
+    page = browser.get(f"{endpoint}/login", timeout=10).text
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', page)[1]
+    browser.post(f"{endpoint}/login", timeout=10, data={
+        "username": "alice", "password": PASSWORD, "csrf_token": csrf})
+    assert browser.get(f"{endpoint}/api/whoami-v2", timeout=10).json()["name"] == "alice"
+    refused = browser.post(f"{endpoint}/api/spaces/alice/demo/pause", timeout=10)
+    assert refused.status_code == 401
+    assert refused.json()["error"] == \
+        "The Hugging Face API takes an API token, not the portal's login"
+    assert api(box, "read").get_space_runtime("alice/demo").stage == "RUNNING"
+
+
 # -- secrets and variables --------------------------------------------------------------------
 
 
@@ -398,8 +416,17 @@ def test_restart_pause_factory_and_logs_on_real_podman(appliance_env, tmp_path):
         assert hf.get_space_runtime("zz/hfdemo").stage == "RUNNING"
         assert any(line.startswith("==> Building") for line in
                    hf.fetch_space_logs("zz/hfdemo", build=True))
+        requests.get(view["url"] + "before-marker", timeout=5)
         run = list(hf.fetch_space_logs("zz/hfdemo"))
         assert any('"GET / HTTP/1.1" 200' in line for line in run), run
+        assert len([line for line in run if "before-marker" in line]) == 1, run
+        followed = follow_until(hf, "zz/hfdemo", "followed-marker",
+                                lambda: requests.get(view["url"] + "followed-marker", timeout=5))
+        # The tail once, then only what came since: the 404's error line and request line.
+        assert followed[:len(run)] == run
+        assert len(followed) - len(run) <= 2, followed
+        assert "followed-marker" in followed[-1]
+        assert len([line for line in followed if "before-marker" in line]) == 1, followed
 
         first = ctx.store.get_space("zz/hfdemo")["container"]
         assert hf.restart_space("zz/hfdemo").stage in ("RUNNING", "RUNNING_APP_STARTING")
@@ -422,6 +449,26 @@ def test_restart_pause_factory_and_logs_on_real_podman(appliance_env, tmp_path):
         assert requests.get(hf.space_info("zz/hfdemo").host + "/", timeout=5).text == \
             "hello from hfdemo"
     spaces.delete(ctx, "zz/hfdemo")
+    assert "Traceback" not in (tmp_path / "portal.log").read_text()
+
+
+def follow_until(hf: HfApi, space_id: str, marker: str, make_line) -> list[str]:
+    """Follow the run log until a line holding marker arrives (make_line causes it)."""
+    lines: list[str] = []
+    done = threading.Event()
+
+    def read() -> None:
+        for line in hf.fetch_space_logs(space_id, follow=True):
+            lines.append(line)
+            if marker in line:
+                break
+        done.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    poll_until(lambda: lines)  # the tail has come: the stream is open
+    make_line()
+    assert done.wait(30), f"no line with {marker!r} in {lines}"
+    return lines
 
 
 def poll_until(predicate, timeout: float = 120) -> None:
