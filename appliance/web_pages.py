@@ -6,6 +6,7 @@ import json
 import shutil
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from flask import (
@@ -55,6 +56,7 @@ ACTIONS = (
     ("delete", "Delete…", "Delete this Space, its images and its /data? This cannot be undone."),
 )
 LOG_TAIL = 200
+BUILD_START_WAIT = 30  # seconds a log stream waits for a requested build's worker
 
 
 def register(app: Flask) -> None:
@@ -82,8 +84,8 @@ def card(space: dict[str, Any]) -> dict[str, Any]:
     manifest = space.get("manifest") or {}
     owner, name = space["id"].split("/", 1)
     return {**space, "owner": owner, "name": name,
-            "color_from": manifest.get("color_from") or "gray",
-            "color_to": manifest.get("color_to") or "gray",
+            "color_from": manifest.get("colorFrom") or "gray",
+            "color_to": manifest.get("colorTo") or "gray",
             "pinned": bool(manifest.get("pinned")), "tags": manifest.get("tags") or [],
             "gpu": space["hardware"] not in (None, "", "cpu"), "state": stage_class(space)}
 
@@ -176,7 +178,17 @@ def log_stream(owner: str, name: str):
 def build_log_lines(space_id: str, follow: bool = True) -> Iterator[str]:
     """The latest build log, line by line, following it while the build runs."""
     ctx = context()
-    path = spaces.build_log_path(ctx, space_id)
+    latest = ctx.store.latest_build(space_id)
+    # A build asked for a moment ago is started by its worker a second later: wait for it
+    # rather than end the stream on "no build log yet" (or on the previous build's log).
+    deadline = time.monotonic() + BUILD_START_WAIT
+    while (follow and (latest is None or latest["status"] != "running")
+           and ctx.store.get_space(space_id)["stage"] in (stages.BUILDING,
+                                                          stages.RUNNING_BUILDING)
+           and time.monotonic() < deadline):
+        time.sleep(0.25)
+        latest = ctx.store.latest_build(space_id)
+    path = Path(latest["log_path"]) if latest else None
     if path is None or not path.exists():
         yield "(no build log yet)"
         return

@@ -7,10 +7,10 @@ if [ "$(id -u)" -ne 0 ]; then exec sudo -E bash "$0" "$@"; fi
 bash "$REPO/scripts/setup.sh"
 
 # The browser tests drive Debian's Chromium (no browser download: there is no internet).
-if ! dpkg-query -W -f='${Status}' chromium 2>/dev/null | grep -q "install ok installed"; then
+if ! dpkg-query -W -f='${Status}' chromium fonts-noto-color-emoji 2>/dev/null | grep -c "install ok installed" | grep -q 2; then
   echo "==> Installing chromium for the browser tests"
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-noto-color-emoji >/dev/null
 fi
 
 cd "$REPO"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -24,6 +25,7 @@ import pytest
 import requests
 from conftest import REPO, make_space_repo
 from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from appliance import stages
 from appliance.config import SETTINGS
@@ -113,7 +115,7 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def portal(appliance_env, tmp_path_factory):
+def portal(appliance_env):
     """A real gunicorn portal (`appliance serve`) with appliance_env's configuration, the way
     jobs.spawn_job hands configuration to a worker; Spaces deleted and gunicorn stopped after."""
     ctx, sources_dir = appliance_env
@@ -123,6 +125,8 @@ def portal(appliance_env, tmp_path_factory):
            "APPLIANCE_CONFIG_FILE": "/nonexistent/appliance.toml"}
     port = free_port()
     ARTIFACTS.mkdir(exist_ok=True)
+    for stale in ARTIFACTS.glob("*.png"):  # a screenshot must come from this run
+        stale.unlink()
     log = ARTIFACTS / "portal.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
@@ -174,6 +178,7 @@ def page(browser: Browser, portal: Portal):
     context.add_init_script(LOG_WATCH)
     context.set_default_timeout(20_000)
     tab = context.new_page()
+    watch(tab)
     yield tab
     context.close()
 
@@ -203,6 +208,20 @@ def stalling_proxy():
     for conn in held:
         conn.close()
     listener.close()
+
+
+# What went wrong in a tab (console errors, failed requests, HTTP errors), for failure messages.
+TROUBLE: dict[int, list[str]] = {}
+
+
+def watch(tab: Page) -> None:
+    trouble = TROUBLE.setdefault(id(tab), [])
+    tab.on("console", lambda m: trouble.append(f"console {m.type}: {m.text}")
+           if m.type in ("error", "warning") else None)
+    tab.on("pageerror", lambda e: trouble.append(f"page error: {e}"))
+    tab.on("requestfailed", lambda r: trouble.append(f"failed: {r.url} ({r.failure})"))
+    tab.on("response", lambda r: trouble.append(f"HTTP {r.status}: {r.url}")
+           if r.status >= 400 else None)
 
 
 def space_view(page: Page, space_id: str) -> dict:
@@ -241,10 +260,37 @@ def is_loopback(url: str) -> bool:
         "127.0.0.1", "localhost", "::1")
 
 
-def gradio_answers(frame, words: str) -> None:
-    frame.get_by_label("Words").fill(words)
-    frame.get_by_role("button", name="Submit").click()
-    expect(frame.get_by_label("Shouted")).to_have_value(f"{words.upper()}!", timeout=20_000)
+def left_the_box(urls: list[str]) -> str:
+    return json.dumps([url for url in urls if not is_loopback(url)], indent=1)
+
+
+def answers_in_the_frame(tab: Page, name: str, use_the_app, context: str = "") -> None:
+    """Run use_the_app(frame); on failure, save a screenshot and say what the tab saw."""
+    try:
+        use_the_app(tab.frame_locator("iframe#app"))
+    except (AssertionError, PlaywrightTimeout) as exc:
+        screenshot(tab, f"{name}-failed.png")
+        seen = "\n".join(TROUBLE.get(id(tab), [])[-40:]) or "(nothing)"
+        raise AssertionError(f"{exc}\n{context}--- what the tab saw (last 40) ---\n{seen}\n"
+                             f"(screenshot: {ARTIFACTS / (name + '-failed.png')})") from None
+
+
+def gradio_answers(words: str):
+    def use(frame) -> None:
+        frame.get_by_label("Words").fill(words)
+        frame.get_by_role("button", name="Submit").click()
+        expect(frame.get_by_label("Shouted")).to_have_value(f"{words.upper()}!",
+                                                           timeout=20_000)
+    return use
+
+
+def streamlit_echoes(words: str):
+    def use(frame) -> None:
+        box = frame.get_by_label("Say something")
+        box.fill(words)
+        box.press("Enter")
+        expect(frame.get_by_text(f"Echo: {words}")).to_be_visible(timeout=20_000)
+    return use
 
 
 def screenshot(page: Page, name: str) -> None:
@@ -278,28 +324,26 @@ def test_new_space_form_streams_the_build_log_while_it_builds(portal, page):
     expect(log).to_contain_text("==> Fetching", timeout=60_000)
     stage = space_view(page, GRADIO)["stage"]
     assert stage in stages.BUSY, f"the first build lines came after the build ({stage})"
-    expect(page.locator("#log-status")).to_have_text("The log ended.", timeout=SPACE_DEADLINE
-                                                     * 1000)
+    expect(page.locator("#log-status")).to_have_text("The log ended.",
+                                                     timeout=SPACE_DEADLINE * 1000)
     text = log.text_content() or ""
     assert "==> Revision " in text and "==> Building localhost/" in text, text
     growth = page.evaluate("window.__logGrowth")
-    assert len({g["lines"] for g in growth}) >= 3, (
-        f"the log did not stream in line by line: {growth}\n{text}")
+    # Lines that came in over seconds, not one burst of a log that was already complete.
+    assert len({g["lines"] for g in growth}) >= 3 and growth[-1]["t"] - growth[0]["t"] > 500, (
+        f"the log did not stream in while the build ran: {growth}\n{text}")
     print(f"\nbuild log of {GRADIO} streamed in {len(growth)} updates, "
           f"{time.monotonic() - started:.1f} s from the form")
 
-    # The second Space builds while the first one starts.
-    add_through_form(page, portal, STREAMLIT, STREAMLIT_FILES)
-    expect(page.locator("pre#log")).to_contain_text("==> Fetching", timeout=60_000)
-
 
 def test_gradio_app_answers_inside_the_space_page(portal, page):
+    add_through_form(page, portal, STREAMLIT, STREAMLIT_FILES)  # it builds meanwhile
     wait_until_running(page, portal, GRADIO)
     started = time.monotonic()
     page.goto(f"/spaces/{GRADIO}")
     iframe = page.locator("iframe#app")
     expect(iframe).to_have_attribute("src", f"/s/{GRADIO.replace('/', '--')}/")
-    gradio_answers(page.frame_locator("iframe#app"), "hello browser")
+    answers_in_the_frame(page, "space-gradio", gradio_answers("hello browser"))
     print(f"\n{GRADIO} answered in the iframe {time.monotonic() - started:.1f} s after goto")
     screenshot(page, "space-gradio.png")
 
@@ -312,25 +356,12 @@ def test_streamlit_app_answers_over_its_websocket_inside_the_space_page(portal, 
     page.goto(f"/spaces/{STREAMLIT}")
     expect(page.locator("iframe#app")).to_have_attribute(
         "src", f"/s/{STREAMLIT.replace('/', '--')}/")
-    frame = page.frame_locator("iframe#app")
-    box = frame.get_by_label("Say something")
-    box.fill("over the proxy")
-    box.press("Enter")
-    expect(frame.get_by_text("Echo: over the proxy")).to_be_visible(timeout=20_000)
+    answers_in_the_frame(page, "space-streamlit", streamlit_echoes("over the proxy"),
+                         f"WebSockets opened: {sockets}\n")
     assert any(f"/s/{STREAMLIT.replace('/', '--')}/" in url for url in sockets), (
         f"Streamlit's WebSocket did not go through the proxy: {sockets}")
     print(f"\n{STREAMLIT} answered in the iframe {time.monotonic() - started:.1f} s after goto")
     screenshot(page, "space-streamlit.png")
-
-
-def test_home_page_shows_a_card_per_space(portal, page):
-    page.goto("/")
-    for space_id in (GRADIO, STREAMLIT):
-        card = page.locator(f"li.card[data-space='{space_id}']")
-        expect(card).to_be_visible()
-        expect(card.locator("[data-stage]")).to_have_attribute("data-stage", stages.RUNNING)
-    expect(page.locator("li.card[data-space='browser/shout'] h2")).to_have_text("Shouter")
-    screenshot(page, "home.png")
 
 
 def test_gradio_space_page_loads_and_answers_with_no_internet(portal, page, playwright_driver,
@@ -347,21 +378,42 @@ def test_gradio_space_page_loads_and_answers_with_no_internet(portal, page, play
                                       viewport={"width": 1280, "height": 900})
         context.add_cookies(cookies)
         tab = context.new_page()
-        tried: list[str] = []
-        tab.on("request", lambda r: tried.append(r.url) if not is_loopback(r.url) else None)
+        watch(tab)
+        seen: list[str] = []
+        tab.on("request", lambda r: seen.append(r.url))
         started = time.monotonic()
         try:
             tab.goto(f"/spaces/{GRADIO}", wait_until="load", timeout=OFFLINE_LOAD_MS)
-        except Exception as exc:  # noqa: BLE001 - the assertion says what the page waited on
+        except PlaywrightTimeout:
             pytest.fail(f"the Space page's load event did not fire within "
-                        f"{OFFLINE_LOAD_MS / 1000:.0f} s with no internet ({exc}); "
-                        f"requests that left the box: {json.dumps(tried, indent=1)}")
+                        f"{OFFLINE_LOAD_MS / 1000:.0f} s with no internet; it tried to "
+                        f"leave the box for: {left_the_box(seen)}")
         loaded = time.monotonic() - started
-        gradio_answers(tab.frame_locator("iframe#app"), "no internet")
-        print(f"\noffline: load event after {loaded:.1f} s; tried to leave the box: {tried}")
+        answers_in_the_frame(tab, "space-gradio-offline", gradio_answers("no internet"),
+                             f"with no internet, the page tried to leave the box for: "
+                             f"{left_the_box(seen)}\n")
+        print(f"\noffline: load event after {loaded:.1f} s; {len(seen)} requests, of which "
+              f"these tried to leave the box: {left_the_box(seen)}")
         screenshot(tab, "space-gradio-offline.png")
     finally:
         offline.close()
+
+
+def test_home_page_shows_a_card_per_space_as_its_readme_describes(portal, page):
+    page.goto("/")
+    expect(page.locator("li.card")).to_have_count(2)
+    screenshot(page, "home.png")
+    for space_id, files in ((GRADIO, GRADIO_FILES), (STREAMLIT, STREAMLIT_FILES)):
+        front = dict(line.split(": ", 1) for line in files["README.md"].splitlines()
+                     if ": " in line)
+        card = page.locator(f"li.card[data-space='{space_id}']")
+        expect(card).to_be_visible()
+        expect(card.locator("[data-stage]")).to_have_attribute("data-stage", stages.RUNNING)
+        expect(card.locator("h2")).to_have_text(front["title"])
+        expect(card.locator(".emoji")).to_have_text(front["emoji"])
+        expect(card.locator(".desc")).to_have_text(front["short_description"])
+        expect(card).to_have_attribute("style", re.compile(
+            rf"--from: var\(--c-{front['colorFrom']}\); --to: var\(--c-{front['colorTo']}\)"))
 
 
 def test_screenshots_were_saved():

@@ -51,7 +51,7 @@ def app(tmp_path):
             "port": 18000 + len(visibility), "hardware": "cpu", "desired": "running",
             "sdk": "gradio", "title": space_id.split("/")[1].title(), "created_by": creator,
             "visibility": visibility,
-            "manifest": json.dumps({"emoji": "🧪", "color_from": "blue", "color_to": "green",
+            "manifest": json.dumps({"emoji": "🧪", "colorFrom": "blue", "colorTo": "green",
                                     "short_description": f"the {visibility} one",
                                     "tags": [visibility], "pinned": visibility == "private"}),
         }, "test")
