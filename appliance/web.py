@@ -80,9 +80,9 @@ def create_app(config: Config | None = None, context_factory: Callable[..., Any]
     app.context_processor(lambda: {"caller": caller(), "csrf_token": csrf_token,
                                    "config": config})
 
-    from . import web_api, web_hf, web_pages, web_proxy
+    from . import web_api, web_gpus, web_hf, web_pages, web_proxy
 
-    for module in (web_pages, web_api, web_hf, web_proxy):
+    for module in (web_pages, web_api, web_hf, web_gpus, web_proxy):
         module.register(app)
     return app
 

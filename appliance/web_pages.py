@@ -128,8 +128,12 @@ def space(owner: str, name: str):
     busy = s["stage"] in stages.BUSY and s["stage"] not in spaces.SERVING
     serving = s["stage"] in spaces.SERVING
     log_tail = "" if serving else _log_tail(s)
+    from .web_gpus import space_gpu_usage
+
+    gpu_usage = space_gpu_usage(context(), s["id"]) if s["gpu"] else None
     return render_template("space.html", s=s, serving=serving, busy=busy, log_tail=log_tail,
                            app_url=proxy_path(s), can_manage=may_manage(s["id"]),
+                           gpu_usage=gpu_usage,
                            mini=(s["manifest"] or {}).get("header") == "mini")
 
 
