@@ -67,6 +67,7 @@ class Router:
         self.errors: dict[int, str] = {}
         self.sleeping: set[int] = set()
         self.last_seen: dict[int, str] = {}
+        self.open: dict[int, int] = {}  # open connections per Space port
         self.wakes: set[int] = set()
         self._dirty = True
         self._stopping = asyncio.Event()
@@ -86,6 +87,7 @@ class Router:
                       writer: asyncio.StreamWriter) -> None:
         backend = self.routes.get(port)
         self.last_seen[port] = datetime.now(UTC).isoformat(timespec="milliseconds")
+        self.open[port] = self.open.get(port, 0) + 1
         upstream = None
         if backend:
             self.connections[backend] = self.connections.get(backend, 0) + 1
@@ -109,6 +111,7 @@ class Router:
         except (ConnectionError, OSError):
             pass
         finally:
+            self.open[port] -= 1
             if backend:
                 self.connections[backend] -= 1
                 self._dirty = True
@@ -156,8 +159,13 @@ class Router:
             with contextlib.suppress(Exception):
                 await self._apply(self.store.routes())
                 self.sleeping = self.store.sleeping_ports()
-            if (self.last_seen or self.wakes) and (
+            # An open connection is a Space in use (a WebSocket, an SSE stream, the portal's
+            # kept-alive requests): it counts as a request at every flush, not only when opened.
+            busy = [port for port, count in self.open.items() if count]
+            if (self.last_seen or self.wakes or busy) and (
                     self.wakes or time.monotonic() - last_flush > FLUSH_SECONDS):
+                stamp = datetime.now(UTC).isoformat(timespec="milliseconds")
+                self.last_seen.update(dict.fromkeys(busy, stamp))
                 with contextlib.suppress(Exception):
                     self.store.record_requests(self.last_seen, self.wakes)
                     self.last_seen, self.wakes = {}, set()
