@@ -24,18 +24,28 @@ def _read_password(prompt: str) -> str:
 @click.command("serve")
 @click.option("--host", help="Address to listen on (default: the portal_host setting).")
 @click.option("--port", type=int, help="Port to listen on (default: the portal_port setting).")
+@click.option("--apps-port", type=int,
+              help="Port of the Spaces' apps, 0 for the portal's own (default: portal_apps_port).")
 @click.option("--workers", type=int, help="gunicorn worker processes (default: portal_workers).")
 @click.pass_obj
 @handles_errors
-def serve_cmd(obj, host, port, workers):
+def serve_cmd(obj, host, port, apps_port, workers):
     """Run the portal (pages, API, the Spaces' proxy) under gunicorn in the foreground.
 
-    Example: appliance serve --host 0.0.0.0 --port 8080
+    Example: appliance serve --host 0.0.0.0 --port 8080 --apps-port 8081
     """
     from . import web_server
 
     config = config_of(obj)
-    web_server.serve(config, host or config.portal_host, port or config.portal_port,
+    # The pages link to the apps' port and the proxy to the portal's: both must know them.
+    for name, value in (("portal_port", port), ("portal_apps_port", apps_port)):
+        if value is not None:
+            config.values[name] = value
+    if config.portal_apps_port == config.portal_port:
+        raise InvalidInput(f"The apps port and the portal port are both {config.portal_port}",
+                           hint="pick another --apps-port, or 0 to serve the apps on the "
+                           "portal's port")
+    web_server.serve(config, host or config.portal_host, config.portal_port,
                      workers or config.portal_workers)
 
 

@@ -40,6 +40,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("public_host", "127.0.0.1", "Host name put in each Space's `url`."),
     Setting("portal_host", "0.0.0.0", "Address the portal (`appliance serve`) listens on."),
     Setting("portal_port", 8080, "Port of the portal: pages, API and the Spaces' proxy.", int),
+    Setting("portal_apps_port", 8081,
+            "Port serving the Spaces' apps (/s/OWNER--NAME/): another origin than the portal, so "
+            "a Space's scripts cannot act as its visitor on the portal; 0 serves them on "
+            "portal_port.", int),
     Setting("portal_workers", 2, "gunicorn worker processes of the portal.", int),
     Setting("portal_threads", 16, "Threads per portal worker (each open proxy stream holds one).",
             int),
@@ -98,6 +102,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("wake_interval", 1.0, "Seconds between checks for idle Spaces and wake requests.",
             float),
     Setting("health_interval", 10.0, "Seconds between health sweeps of running Spaces.", float),
+    Setting("streamlit_script_interval", 60.0,
+            "Seconds between runs of a Streamlit Space's script by the health check (it runs "
+            "the script as a visitor would, to catch errors its HTTP answers hide); 0: never.",
+            float),
     Setting("health_timeout", 5.0, "Seconds a health probe may take.", float),
     Setting("health_attempts", 3, "Failed probes in a row before a Space is restarted.", int),
     Setting("restart_backoff", 5.0, "First wait before an automatic restart; doubles each time.",

@@ -1,10 +1,12 @@
 """Health checks from the host side, and the automatic-restart policy reconcile shares.
 
 A Space is probed over HTTP at its base_path on the port its container publishes (no curl
-needed in the image). Probes run side by side with a timeout, so one hung Space never delays
-the others' checks. A Space that fails `health_attempts` probes in a row, or whose container
-died, is restarted with exponential backoff; after `restart_limit` automatic restarts within
-`restart_window` it lands in RUNTIME_ERROR with the log tail and is left for a person.
+needed in the image); a Streamlit Space's script is also run now and then over its WebSocket,
+as a browser does (health_streamlit), since its HTTP answers stay 200 when the script fails.
+Probes run side by side with a timeout, so one hung Space never delays the others' checks.
+A Space that fails `health_attempts` probes in a row, or whose container died, is restarted
+with exponential backoff; after `restart_limit` automatic restarts within `restart_window` it
+lands in RUNTIME_ERROR with the log tail and is left for a person.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 import requests
 
 from . import jobs, spaces, stages
+from .health_streamlit import probe_streamlit
 
 GAVE_UP = "failed"  # `desired` once the appliance stopped restarting a Space by itself
 
@@ -46,6 +49,28 @@ def probe(url: str, timeout: float) -> str | None:
 def _probe_url(row: dict[str, Any]) -> str:
     base_path = json.loads(row["manifest"] or "{}").get("base_path") or "/"
     return f"http://127.0.0.1:{row['backend_port']}{base_path}"
+
+
+# When each Streamlit Space's script was last run by the check (the scheduler's process
+# lives long; a restart of it only runs the scripts once more, sooner).
+_script_checked: dict[str, float] = {}
+
+
+def probe_space(row: dict[str, Any], timeout: float, script_interval: float = 0,
+                now: float | None = None) -> str | None:
+    """Probe one running Space: HTTP, and for Streamlit its script every script_interval."""
+    problem = probe(_probe_url(row), timeout)
+    if problem or row["sdk"] != "streamlit" or not script_interval:
+        return problem
+    now = time.time() if now is None else now
+    if now - _script_checked.get(row["id"], 0.0) < script_interval:
+        return None
+    _script_checked[row["id"]] = now
+    base_path = json.loads(row["manifest"] or "{}").get("base_path") or "/"
+    problem = probe_streamlit("127.0.0.1", row["backend_port"], base_path, timeout)
+    if problem and problem.startswith("the script did not finish"):
+        return None  # slow (a model loading) is not broken: the HTTP side answered
+    return problem
 
 
 def restart_or_give_up(ctx: spaces.Context, row: dict[str, Any], reason: str, job: str,
@@ -93,7 +118,8 @@ def health_sweep_once(ctx: spaces.Context, now: float | None = None,
         return report
     timeout = ctx.config.health_timeout
     with ThreadPoolExecutor(max_workers=min(16, len(rows))) as pool:
-        problems = list(pool.map(lambda r: probe(_probe_url(r), timeout), rows))
+        interval = ctx.config.streamlit_script_interval
+        problems = list(pool.map(lambda r: probe_space(r, timeout, interval, now), rows))
     checked_at = datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds")
     for row, problem in zip(rows, problems, strict=True):
         if problem is None:

@@ -116,9 +116,12 @@ def _space(owner: str, name: str) -> dict[str, Any]:
     return card(visible_space(f"{owner}/{name}"))
 
 
-def proxy_path(space: dict[str, Any]) -> str:
+def app_url(space: dict[str, Any]) -> str:
+    """The Space's app through the proxy, at its base_path (what the page embeds)."""
+    from .web_proxy import apps_url
+
     base = (space.get("manifest") or {}).get("base_path") or "/"
-    return f"/s/{space['owner']}--{space['name']}{base if base.startswith('/') else '/' + base}"
+    return apps_url(request.environ, config(), space["id"]) + base.lstrip("/")
 
 
 @bp.get("/spaces/<owner>/<name>")
@@ -132,7 +135,7 @@ def space(owner: str, name: str):
 
     gpu_usage = space_gpu_usage(context(), s["id"]) if s["gpu"] else None
     return render_template("space.html", s=s, serving=serving, busy=busy, log_tail=log_tail,
-                           app_url=proxy_path(s), can_manage=may_manage(s["id"]),
+                           app_url=app_url(s), can_manage=may_manage(s["id"]),
                            gpu_usage=gpu_usage,
                            mini=(s["manifest"] or {}).get("header") == "mini")
 

@@ -36,6 +36,7 @@ from .sources import validate_space_id
 from .store import Store
 
 PREFIX = "/s/"
+OFFLINE_FILES = "/static/offline/"
 # RFC 9110 7.6.1, plus the old Proxy-Connection; Upgrade only passes for WebSockets.
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
@@ -361,10 +362,31 @@ class SpaceProxy:
         self.local = threading.local()
         self.pool = UpstreamPool()
         self.plans: dict[str, tuple[frozenset[str], list[tuple[str, str]]]] = {}
+        self.portal_port = self.config.portal_port
+        self.apps_port = self.config.portal_apps_port
+        # Who may frame a Space: its own origin, and the portal's pages on their port.
+        self.framers = "'self'" + (f" *:{self.portal_port}" if self.apps_port else "")
 
     def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
-        if not (environ.get("PATH_INFO") or "").startswith(PREFIX):
+        path = environ.get("PATH_INFO") or ""
+        if self.apps_port and environ.get("SERVER_PORT") == str(self.apps_port):
+            # The apps' origin serves the apps (and the files their offline pages load),
+            # never a portal page a Space's script could read or post to as its visitor.
+            if path.startswith(PREFIX):
+                return self.proxy(environ, start_response)
+            if path.startswith(OFFLINE_FILES):
+                return self.wsgi_app(environ, start_response)
+            return self.page(environ, start_response, 404, "This port serves the Spaces' apps",
+                             f"the portal is on port {self.portal_port}")
+        if not path.startswith(PREFIX):
             return self.wsgi_app(environ, start_response)
+        if self.apps_port:  # an old link, or one typed by hand: to the apps' origin
+            query = environ.get("QUERY_STRING")
+            location = (f"{environ.get('wsgi.url_scheme', 'http')}://"
+                        f"{_hostname(environ)}:{self.apps_port}{quote(path)}"
+                        + (f"?{query}" if query else ""))
+            return _send(start_response, "307 Temporary Redirect", [("Location", location)],
+                         b"")
         return self.proxy(environ, start_response)
 
     # -- one request --------------------------------------------------------------------
@@ -444,6 +466,12 @@ class SpaceProxy:
         return found.user if found else None
 
     def login_url(self, environ: dict[str, Any]) -> str:
+        if self.apps_port and environ.get("SERVER_PORT") == str(self.apps_port):
+            # Log in on the portal's origin, then land on the Space's page there.
+            slug = environ["PATH_INFO"][len(PREFIX):].partition("/")[0]
+            owner, _, name = slug.partition("--")
+            return (f"{environ.get('wsgi.url_scheme', 'http')}://{_hostname(environ)}:"
+                    f"{self.portal_port}/login?next=" + quote(f"/spaces/{owner}/{name}", safe=""))
         query = environ.get("QUERY_STRING")
         back = environ.get("SCRIPT_NAME", "") + environ["PATH_INFO"] + (
             f"?{query}" if query else "")
@@ -510,7 +538,7 @@ class SpaceProxy:
             add += [("X-Frame-Options", "DENY"),
                     ("Content-Security-Policy", "frame-ancestors 'none'")]
         else:
-            add.append(("Content-Security-Policy", "frame-ancestors 'self'"))
+            add.append(("Content-Security-Policy", f"frame-ancestors {self.framers}"))
         plan = (frozenset(drop), add)
         if len(self.plans) > 512:
             self.plans.clear()
@@ -724,21 +752,28 @@ class SpaceProxy:
         from markupsafe import escape
 
         link = environ.get("SCRIPT_NAME", "") + "/"
-        try:
-            from flask import render_template, url_for
+        if self.apps_port and environ.get("SERVER_PORT") == str(self.apps_port):
+            # On the apps' origin: a plain page (nothing of the portal's, no session in it)
+            # whose link leads back to the portal's origin.
+            link = (f"{environ.get('wsgi.url_scheme', 'http')}://{_hostname(environ)}:"
+                    f"{self.portal_port}/" + (f"spaces/{space}" if space else ""))
+        else:
+            try:
+                from flask import render_template, url_for
 
-            with self.flask.request_context(environ):
-                if space:
-                    owner, name = space.split("/", 1)
-                    with contextlib.suppress(Exception):
-                        link = url_for("pages.space", owner=owner, name=name)
-                    hint = (hint or "").replace("its page", f"its page ({link})")
-                return render_template("error.html", status=status, message=message,
-                                       hint=hint).encode()
-        except Exception:  # no templates or pages (a bare app): a page of its own
-            pass
+                with self.flask.request_context(environ):
+                    if space:
+                        owner, name = space.split("/", 1)
+                        with contextlib.suppress(Exception):
+                            link = url_for("pages.space", owner=owner, name=name)
+                        hint = (hint or "").replace("its page", f"its page ({link})")
+                    return render_template("error.html", status=status, message=message,
+                                           hint=hint).encode()
+            except Exception:  # no templates or pages (a bare app): a page of its own
+                pass
         back = "Open its page" if space else "Back to the Spaces"
-        return (f"<!doctype html><meta charset=utf-8><title>{status} {escape(message)}</title>"
+        return (f"<!doctype html><html lang=en><meta charset=utf-8>"
+                f"<title>{status} {escape(message)}</title>"
                 "<body style='font-family:sans-serif;margin:10vh auto;max-width:40em'>"
                 f"<h1>{status} — {escape(message)}</h1>"
                 + (f"<p>{escape(hint)}</p>" if hint else "")
@@ -746,6 +781,22 @@ class SpaceProxy:
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
+
+def _hostname(environ: dict[str, Any]) -> str:
+    """The host the visitor addressed, without its port ("[::1]" stays bracketed)."""
+    host = environ.get("HTTP_HOST") or environ.get("SERVER_NAME", "localhost")
+    if host.startswith("["):
+        return host.split("]", 1)[0] + "]"
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def apps_url(environ: dict[str, Any], config: Any, space_id: str) -> str:
+    """Where a visitor's browser reaches a Space's app: the apps' origin, or the portal's."""
+    if not config.portal_apps_port:
+        return space_path(space_id)
+    return (f"{environ.get('wsgi.url_scheme', 'http')}://{_hostname(environ)}:"
+            f"{config.portal_apps_port}{space_path(space_id)}")
 
 
 def _send(start_response: Callable, status: str, headers: list[tuple[str, str]],

@@ -26,9 +26,16 @@ class Portal(BaseApplication):
         return create_app(self.appliance_config)
 
 
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def options(config: Config, host: str, port: int, workers: int) -> dict[str, Any]:
+    binds = [_address(host, port)]
+    if config.portal_apps_port:  # the Spaces' apps on an origin of their own
+        binds.append(_address(host, config.portal_apps_port))
     return {
-        "bind": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+        "bind": binds,
         "workers": workers,
         "worker_class": "gthread",
         "threads": config.portal_threads,

@@ -68,7 +68,7 @@ MAY_IMPORT = {
 
 # third-party library -> the one module allowed to import it.
 WRAPPED_BY = {"sqlite_utils": "store", "podman": "runtime", "pynvml": "gpu",
-              "gunicorn": "web_server"}
+              "gunicorn": "web_server", "websocket": "health_streamlit"}
 
 SUBPROCESS_CALLS = {
     ("subprocess", "run"), ("subprocess", "Popen"), ("subprocess", "call"),

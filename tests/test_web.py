@@ -107,9 +107,12 @@ def test_home_search_and_filters(app):
     assert "alice/public" in client.get("/?stage=running").data.decode()
 
 
-def test_space_page_embeds_the_app_through_the_proxy(app):
+def test_space_page_embeds_the_app_from_the_apps_origin(app):
     page = app.test_client().get("/spaces/alice/public").data.decode()
-    assert 'id="app"' in page and 'src="/s/alice--public/"' in page
+    assert 'id="app"' in page and 'src="http://localhost:8081/s/alice--public/"' in page
+    app.extensions["appliance.config"].values["portal_apps_port"] = 0
+    page = app.test_client().get("/spaces/alice/public").data.decode()
+    assert 'src="/s/alice--public/"' in page
 
 
 def test_private_space_page_sends_visitors_to_login_and_404s_nothing_else(app):

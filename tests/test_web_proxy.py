@@ -274,6 +274,8 @@ class Portal:
     def __init__(self, tmp: Path, env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.apps_port = free_port()  # the Spaces' own origin
+        self.apps = f"http://127.0.0.1:{self.apps_port}"
         self.log_path = tmp / "portal.log"
         self.log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
@@ -282,7 +284,8 @@ class Portal:
             cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
             env={**os.environ, "APPLIANCE_DATA_DIR": str(tmp / "data"),
                  "APPLIANCE_CONFIG_FILE": "/nonexistent", "APPLIANCE_ROUTER_HOST": "127.0.0.1",
-                 "APPLIANCE_PORTAL_THREADS": "4", **(env or {})})
+                 "APPLIANCE_PORTAL_THREADS": "4",
+                 "APPLIANCE_PORTAL_APPS_PORT": str(self.apps_port), **(env or {})})
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             assert self.process.poll() is None, self.log_path.read_text()
@@ -344,7 +347,8 @@ def portal(tmp_path_factory, apps):
 def get(portal, path, **kwargs) -> requests.Response:
     kwargs.setdefault("allow_redirects", False)
     kwargs.setdefault("timeout", 30)
-    return requests.get(portal.url + path, **kwargs)
+    base = portal.apps if path.startswith("/s/") else portal.url
+    return requests.get(base + path, **kwargs)
 
 
 def seen_headers(response: requests.Response) -> dict[str, str]:
@@ -369,7 +373,7 @@ def test_the_root_of_a_space_is_the_apps_root(portal):
 
 def test_post_body_reaches_the_app(portal):
     payload = json.dumps({"hello": "world"}).encode()
-    response = requests.post(portal.url + "/s/alice--public/api/predict?x=1", data=payload,
+    response = requests.post(portal.apps + "/s/alice--public/api/predict?x=1", data=payload,
                              headers={"Content-Type": "application/json"}, timeout=30)
     body = response.json()
     assert body["method"] == "POST" and body["target"] == "/api/predict?x=1"
@@ -380,10 +384,10 @@ def test_post_body_reaches_the_app(portal):
 
 def test_other_methods_and_head_pass_through(portal):
     for method in ("PUT", "DELETE", "PATCH"):
-        response = requests.request(method, portal.url + "/s/alice--public/thing",
+        response = requests.request(method, portal.apps + "/s/alice--public/thing",
                                     data=b"abc", timeout=30)
         assert response.json()["method"] == method
-    head = requests.head(portal.url + "/s/alice--public/thing", timeout=30)
+    head = requests.head(portal.apps + "/s/alice--public/thing", timeout=30)
     assert head.status_code == 200 and head.content == b""
     assert int(head.headers["Content-Length"]) > 0
 
@@ -405,7 +409,7 @@ def test_a_bad_slug_is_404_before_any_lookup(portal, path):
     assert "Not found" in response.text
 
 
-def test_an_unknown_space_is_404_with_the_portals_page(portal):
+def test_an_unknown_space_is_404_with_a_page_saying_so(portal):
     response = get(portal, "/s/alice--ghost/", headers={"Accept": "text/html"})
     assert response.status_code == 404
     assert "No Space named alice/ghost" in response.text
@@ -454,7 +458,7 @@ def test_redirects_naming_the_apps_own_port_or_the_portal_stay_under_the_prefix(
     own = f"http://127.0.0.1:{apps['public'].port}/login?x=1"
     response = get(portal, "/s/alice--public/redirect", params={"to": own})
     assert response.headers["Location"] == "/s/alice--public/login?x=1"
-    host = f"127.0.0.1:{portal.port}"
+    host = f"127.0.0.1:{portal.apps_port}"  # the origin the visitor's browser addressed
     response = get(portal, "/s/alice--public/redirect", params={"to": f"http://{host}/a"})
     assert response.headers["Location"] == f"http://{host}/s/alice--public/a"
 
@@ -483,7 +487,7 @@ def test_forwarded_headers_tell_the_app_where_it_is_served(portal):
         "X-Forwarded-Host": "evil.example", "X-Forwarded-Prefix": "/evil",
         "Forwarded": "host=evil.example"})
     headers = seen_headers(response)
-    host = f"127.0.0.1:{portal.port}"
+    host = f"127.0.0.1:{portal.apps_port}"
     assert headers["host"] == host
     assert headers["x-forwarded-host"] == f"{host}/s/alice--public"
     assert headers["x-forwarded-prefix"] == "/s/alice--public"
@@ -523,7 +527,8 @@ def test_custom_headers_and_disable_embedding_apply(portal):
 
 def test_spaces_may_be_framed_by_the_portal_only(portal):
     response = get(portal, "/s/alice--public/framing")
-    assert response.headers["Content-Security-Policy"] == "frame-ancestors 'self'"
+    assert response.headers["Content-Security-Policy"] == \
+        f"frame-ancestors 'self' *:{portal.port}"  # the portal's pages, on their own origin
     assert response.headers["X-Frame-Options"] == "SAMEORIGIN"  # the app's own stays
     assert response.headers["Cross-Origin-Opener-Policy"] == "unsafe-none"
 
@@ -532,7 +537,7 @@ def test_spaces_may_be_framed_by_the_portal_only(portal):
 
 
 def test_sse_events_arrive_one_by_one_before_the_stream_ends(portal):
-    conn = http.client.HTTPConnection("127.0.0.1", portal.port, timeout=30)
+    conn = http.client.HTTPConnection("127.0.0.1", portal.apps_port, timeout=30)
     started = time.monotonic()
     conn.request("GET", "/s/alice--public/sse?n=4&gap=0.4",
                  headers={"Accept": "text/event-stream"})
@@ -588,7 +593,7 @@ def test_a_200_mib_upload_streams_through_without_the_portal_holding_it(portal):
     sampler = threading.Thread(target=sample)
     sampler.start()
     try:
-        conn = http.client.HTTPConnection("127.0.0.1", portal.port, timeout=120)
+        conn = http.client.HTTPConnection("127.0.0.1", portal.apps_port, timeout=120)
         conn.putrequest("POST", "/s/alice--public/upload")
         conn.putheader("Content-Length", str(size))
         conn.putheader("Content-Type", "application/octet-stream")
@@ -610,7 +615,7 @@ def test_a_200_mib_upload_streams_through_without_the_portal_holding_it(portal):
 
 def test_a_chunked_upload_streams_through(portal):
     pieces = [os.urandom(100_000) for _ in range(30)] + [b"end"]
-    response = requests.post(portal.url + "/s/alice--public/upload", data=iter(pieces),
+    response = requests.post(portal.apps + "/s/alice--public/upload", data=iter(pieces),
                              timeout=60)
     body = response.json()
     assert "chunked" in seen_headers(response)["transfer-encoding"]
@@ -623,7 +628,7 @@ def test_a_chunked_upload_streams_through(portal):
 
 def test_a_websocket_echoes_both_ways_through_the_prefix(portal):
     ws = websocket.create_connection(
-        f"ws://127.0.0.1:{portal.port}/s/alice--public/ws?room=1", timeout=10,
+        f"ws://127.0.0.1:{portal.apps_port}/s/alice--public/ws?room=1", timeout=10,
         cookie="appliance_session=secret; app=1")
     try:
         assert ws.recv() == "welcome /ws?room=1 cookie=app=1"  # the app spoke first
@@ -639,7 +644,7 @@ def test_a_websocket_echoes_both_ways_through_the_prefix(portal):
 def test_websockets_do_not_hold_the_portals_request_threads(portal):
     # 2 workers x 4 threads: a dozen open sockets would starve the portal if each held one.
     sockets = [websocket.create_connection(
-        f"ws://127.0.0.1:{portal.port}/s/alice--public/ws", timeout=10) for _ in range(12)]
+        f"ws://127.0.0.1:{portal.apps_port}/s/alice--public/ws", timeout=10) for _ in range(12)]
     try:
         for number, ws in enumerate(sockets):
             ws.recv()
@@ -655,7 +660,7 @@ def test_websockets_do_not_hold_the_portals_request_threads(portal):
 def test_a_refused_websocket_upgrade_is_an_ordinary_response(portal):
     ws = websocket.WebSocket()
     with pytest.raises(websocket.WebSocketBadStatusException) as refused:
-        ws.connect(f"ws://127.0.0.1:{portal.port}/s/alice--public/not-a-socket", timeout=10)
+        ws.connect(f"ws://127.0.0.1:{portal.apps_port}/s/alice--public/not-a-socket", timeout=10)
     assert refused.value.status_code == 200  # the echo route answers; no 101, no tunnel
     assert get(portal, "/s/alice--public/x").status_code == 200
 
@@ -679,8 +684,9 @@ def test_a_private_space_sends_an_anonymous_browser_to_log_in(portal):
     response = get(portal, "/s/alice--private/page?x=1", headers={"Accept": "text/html"})
     assert response.status_code == 302
     location = urlsplit(response.headers["Location"])
+    assert location.netloc == f"127.0.0.1:{portal.port}"  # logging in happens on the portal
     assert location.path == "/login"
-    assert parse_qs(location.query) == {"next": ["/s/alice--private/page?x=1"]}
+    assert parse_qs(location.query) == {"next": ["/spaces/alice/private"]}
 
 
 def test_a_private_space_refuses_an_anonymous_api_client_with_401(portal):
@@ -705,12 +711,12 @@ def test_a_portal_token_opens_a_private_space_and_stays_with_the_portal(portal):
 
 def test_a_logged_in_user_uses_a_private_space(portal):
     session = log_in(portal)
-    response = session.get(portal.url + "/s/alice--private/page",
+    response = session.get(portal.apps + "/s/alice--private/page",
                            headers={"Accept": "text/html"}, allow_redirects=False, timeout=30)
     assert response.status_code == 200
     assert "cookie" not in seen_headers(response)  # the session cookie was the only one
     ws = websocket.create_connection(
-        f"ws://127.0.0.1:{portal.port}/s/alice--private/ws", timeout=10,
+        f"ws://127.0.0.1:{portal.apps_port}/s/alice--private/ws", timeout=10,
         cookie=f"appliance_session={session.cookies['appliance_session']}")
     assert ws.recv() == "welcome /ws cookie="
     ws.close()
@@ -724,7 +730,7 @@ def test_a_forged_session_cookie_is_anonymous(portal):
 
 def test_an_anonymous_websocket_to_a_private_space_is_refused(portal):
     with pytest.raises(websocket.WebSocketBadStatusException) as refused:
-        websocket.create_connection(f"ws://127.0.0.1:{portal.port}/s/alice--private/ws",
+        websocket.create_connection(f"ws://127.0.0.1:{portal.apps_port}/s/alice--private/ws",
                                     timeout=10)
     assert refused.value.status_code == 401
 
@@ -747,7 +753,7 @@ def test_a_stopped_space_gets_a_503_page_saying_to_start_it(portal):
     assert "start it from its page" in response.text
     ws = websocket.WebSocket()
     with pytest.raises(websocket.WebSocketBadStatusException) as refused:
-        ws.connect(f"ws://127.0.0.1:{portal.port}/s/alice--asleep/ws", timeout=10)
+        ws.connect(f"ws://127.0.0.1:{portal.apps_port}/s/alice--asleep/ws", timeout=10)
     assert refused.value.status_code == 503
 
 
@@ -765,7 +771,8 @@ def flask_app(tmp_path, apps):
     from appliance.config import load_config
     from appliance.web import create_app
 
-    config = load_config({}, data_dir=str(tmp_path / "data"), router_host="127.0.0.1")
+    config = load_config({}, data_dir=str(tmp_path / "data"), router_host="127.0.0.1",
+                         portal_apps_port=0)
     store = open_store(config.db_path)
     store.insert_space(space_row("alice/public", apps["public"].port), "test")
     store.close()
@@ -870,3 +877,25 @@ def test_old_connections_are_retired_so_the_router_sees_the_space_in_use(apps, m
     monkeypatch.setattr(web_proxy, "POOL_MAX_AGE_SECONDS", 0.0)
     pool.put("127.0.0.1", apps["public"].port, None, conn)
     assert conn.sock.fileno() == -1 and not pool.idle
+
+
+# -- the apps' own origin ---------------------------------------------------------------------
+
+
+def test_the_apps_origin_serves_no_portal_page_a_space_could_read(portal):
+    session = requests.Session()
+    for path in ("/login", "/account", "/api/v1/whoami", "/api/v1/tokens", "/"):
+        response = session.get(portal.apps + path, timeout=30, allow_redirects=False)
+        assert response.status_code == 404, path
+        assert "This port serves the Spaces" in response.text
+        assert "csrf" not in response.text.lower() and "appliance_session" not in response.text
+    offline = session.get(portal.apps + "/static/offline/iframe-resizer/4.3.1/"
+                          "iframeResizer.contentWindow.min.js", timeout=30)
+    assert offline.status_code == 200 and "iframeResizer" in offline.text
+
+
+def test_the_portal_sends_space_paths_to_the_apps_origin(portal):
+    response = requests.get(portal.url + "/s/alice--public/x?y=1", timeout=30,
+                            allow_redirects=False)
+    assert response.status_code == 307
+    assert response.headers["Location"] == f"{portal.apps}/s/alice--public/x?y=1"
