@@ -124,6 +124,7 @@ def portal(appliance_env):
            **{f"APPLIANCE_{s.name.upper()}": str(config.values[s.name]) for s in SETTINGS},
            "APPLIANCE_CONFIG_FILE": "/nonexistent/appliance.toml"}
     port = free_port()
+    env["APPLIANCE_PORTAL_APPS_PORT"] = str(free_port())  # the Spaces' apps: another origin
     ARTIFACTS.mkdir(exist_ok=True)
     for stale in ARTIFACTS.glob("*.png"):  # a screenshot must come from this run
         stale.unlink()
@@ -342,7 +343,8 @@ def test_gradio_app_answers_inside_the_space_page(portal, page):
     started = time.monotonic()
     page.goto(f"/spaces/{GRADIO}")
     iframe = page.locator("iframe#app")
-    expect(iframe).to_have_attribute("src", f"/s/{GRADIO.replace('/', '--')}/")
+    apps = f"http://127.0.0.1:{portal.env['APPLIANCE_PORTAL_APPS_PORT']}"
+    expect(iframe).to_have_attribute("src", f"{apps}/s/{GRADIO.replace('/', '--')}/")
     answers_in_the_frame(page, "space-gradio", gradio_answers("hello browser"))
     print(f"\n{GRADIO} answered in the iframe {time.monotonic() - started:.1f} s after goto")
     screenshot(page, "space-gradio.png")
@@ -354,8 +356,9 @@ def test_streamlit_app_answers_over_its_websocket_inside_the_space_page(portal, 
     sockets: list[str] = []
     page.on("websocket", lambda ws: sockets.append(ws.url))
     page.goto(f"/spaces/{STREAMLIT}")
+    apps = f"http://127.0.0.1:{portal.env['APPLIANCE_PORTAL_APPS_PORT']}"
     expect(page.locator("iframe#app")).to_have_attribute(
-        "src", f"/s/{STREAMLIT.replace('/', '--')}/")
+        "src", f"{apps}/s/{STREAMLIT.replace('/', '--')}/")
     answers_in_the_frame(page, "space-streamlit", streamlit_echoes("over the proxy"),
                          f"WebSockets opened: {sockets}\n")
     assert any(f"/s/{STREAMLIT.replace('/', '--')}/" in url for url in sockets), (

@@ -49,7 +49,8 @@ def portal(config: Config, log: Path) -> Iterator[str]:
     port = free_port()
     env = {**os.environ, **{f"APPLIANCE_{s.name.upper()}": str(config.values[s.name])
                             for s in SETTINGS},
-           "APPLIANCE_CONFIG_FILE": "/nonexistent/appliance.toml"}
+           "APPLIANCE_CONFIG_FILE": "/nonexistent/appliance.toml",
+           "APPLIANCE_PORTAL_APPS_PORT": "0"}  # no Space app is opened here
     with open(log, "ab") as out:
         server = subprocess.Popen(
             [sys.executable, "-m", "appliance.cli", "serve", "--host", "127.0.0.1",
