@@ -39,7 +39,9 @@ def options(config: Config, host: str, port: int, workers: int) -> dict[str, Any
         "workers": workers,
         "worker_class": "gthread",
         "threads": config.portal_threads,
-        "preload_app": True,
+        # With several workers, loading the app once in the master lets them share its pages;
+        # a single worker would only double it.
+        "preload_app": workers > 1,
         # Streams (logs, SSE, WebSockets) stay open for as long as the visitor watches.
         "timeout": 0,
         "graceful_timeout": 10,

@@ -51,7 +51,10 @@ from appliance import router  # noqa: E402
 from appliance.config import load_config  # noqa: E402
 from appliance.store import open_store  # noqa: E402
 
-TARGETS = {"added_p50_ms": 1.0}
+TARGETS = {"added_p50_ms": 1.0, "throughput_ratio": 0.7, "home_p95_ms": 50.0,
+           "idle_memory_mib": 80.0}
+HOME_SPACES = 100
+HOME_REQUESTS = 200
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 MiB = 1 << 20
 SMALL = b'{"ok": true, "data": "' + b"x" * 200 + b'"}'
@@ -247,22 +250,31 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
-def start_portal(data_dir: Path, port: int, log: Path) -> subprocess.Popen:
+def pss_mib(pid: int) -> float:
+    """Proportional set size: shared pages (the preloaded app the workers share with the
+    master) counted once across the processes, not once per process as RSS does."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def start_portal(data_dir: Path, port: int, apps_port: int, workers: int,
+                 log: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
     process = subprocess.Popen(
         [sys.executable, "-m", "appliance.cli", "serve", "--host", "127.0.0.1",
-         "--port", str(port)],
+         "--port", str(port), "--apps-port", str(apps_port), "--workers", str(workers)],
         cwd=REPO_ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT,
         env={**env, "APPLIANCE_DATA_DIR": str(data_dir), "APPLIANCE_CONFIG_FILE": "/nonexistent",
              "APPLIANCE_ROUTER_HOST": "127.0.0.1"})
     deadline = time.monotonic() + 30
-    config = load_config({}, data_dir=str(data_dir))
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise BenchError(f"the portal exited: {log.read_text()[-2000:]}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
-                if len(pids_of(process.pid)) > config.portal_workers:
+                if len(pids_of(process.pid)) > workers:
                     return process
         except OSError:
             pass
@@ -298,9 +310,41 @@ def start_floor(root: Path, port: int, workers: int, threads: int) -> subprocess
     raise BenchError("gunicorn with a trivial app did not answer")
 
 
-def home_page_render(portal_port: int) -> dict[str, Any] | None:
-    """Hook for the portal's home page timing (filled in with the pages); None: not measured."""
-    return None
+def add_home_spaces(config) -> None:
+    """Record HOME_SPACES Spaces with manifests like real ones (cards with all they show)."""
+    store = open_store(config.db_path)
+    colors = ("red", "yellow", "green", "blue", "indigo", "purple", "pink", "gray")
+    for number in range(HOME_SPACES):
+        manifest = {"title": f"Demo {number}", "emoji": "🚀", "sdk": "gradio",
+                    "colorFrom": colors[number % 8], "colorTo": colors[(number + 3) % 8],
+                    "short_description": f"A demo Space number {number} for the home page",
+                    "tags": [f"tag{number % 7}", "demo"], "pinned": number % 10 == 0}
+        store.insert_space({
+            "id": f"home/demo-{number}", "source": "bench", "source_display": "bench",
+            "stage": ("RUNNING", "BUILDING", "STOPPED", "RUNTIME_ERROR")[number % 4],
+            "sdk": "gradio", "title": manifest["title"], "port": 30000 + number,
+            "hardware": "cpu" if number % 3 else "shared:8g", "desired": "running",
+            "manifest": json.dumps(manifest)}, "bench")
+    store.close()
+
+
+def home_page_render(portal_port: int, requests: int = HOME_REQUESTS) -> dict[str, Any]:
+    """Time GET / (the cards of HOME_SPACES Spaces, server-rendered) from a client."""
+    conn = http.client.HTTPConnection("127.0.0.1", portal_port, timeout=30)
+    timings, size = [], 0
+    for number in range(requests + 10):
+        began = time.perf_counter()
+        conn.request("GET", "/")
+        response = conn.getresponse()
+        body = response.read()
+        if response.status != 200:
+            raise BenchError(f"the home page answered {response.status}")
+        if number >= 10:  # the first few warm the templates and the connection
+            timings.append((time.perf_counter() - began) * 1000)
+            size = len(body)
+    conn.close()
+    return {"spaces": HOME_SPACES, "requests": requests, "bytes": size,
+            "p50_ms": percentile(timings, 50), "p95_ms": percentile(timings, 95)}
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -415,7 +459,10 @@ def markdown(result: dict[str, Any]) -> str:
         f"{rss['idle_after_start']['total']:.1f} MiB idle after start "
         f"(master {rss['idle_after_start']['master']:.1f}, workers "
         f"{', '.join(f'{w:.1f}' for w in rss['idle_after_start']['workers'])}); "
-        f"{rss['idle_after_load']['total']:.1f} MiB idle after the load.",
+        f"{rss['idle_after_load']['total']:.1f} MiB idle after the load. Counting the pages "
+        f"the workers share with the master once (PSS): "
+        f"{rss['idle_after_start']['pss_total']:.1f} MiB after start, "
+        f"{rss['idle_after_load']['pss_total']:.1f} MiB after the load.",
         f"For scale, gunicorn with the portal's worker settings serving a trivial WSGI app "
         f"(no proxy, no Flask) answers the small GET in {m['floor']['small_p50_ms']:.2f} ms "
         f"at p50 and {m['floor']['small_p99_ms']:.2f} ms at p99: that much of any portal "
@@ -427,20 +474,27 @@ def markdown(result: dict[str, Any]) -> str:
         f"(+{a['production']['small_p50_ms']:.2f} ms through the router, "
         f"+{a['proxy_alone']['small_p50_ms']:.2f} ms proxy alone).",
     ]
-    if result.get("home_page"):
-        lines.append(f"Home page render: {json.dumps(result['home_page'])}")
+    home = result.get("home_page")
+    if home:
+        lines.append(f"Home page with {home['spaces']} Spaces ({home['bytes']:,} bytes, "
+                     f"{home['requests']} requests from one client): p50 {home['p50_ms']:.1f} "
+                     f"ms, p95 {home['p95_ms']:.1f} ms (target p95 ≤ "
+                     f"{TARGETS['home_p95_ms']:.0f} ms).")
     return "\n".join(lines) + "\n"
 
 
 def rss_report(master: int) -> dict[str, Any]:
     pids = pids_of(master)
     values = [rss_mib(pid) for pid in pids]
-    return {"master": values[0], "workers": values[1:], "total": sum(values)}
+    return {"master": values[0], "workers": values[1:], "total": sum(values),
+            "pss_total": sum(pss_mib(pid) for pid in pids)}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--workers", type=int, default=None,
+                        help="portal workers (default: the portal_workers setting)")
     parser.add_argument("--requests", type=int, default=1000, help="small GETs per path/round")
     parser.add_argument("--large-requests", type=int, default=100)
     parser.add_argument("--clients", type=int, default=8)
@@ -454,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="appliance-portal-bench-"))
     app, app_port = start_app()
-    router_port, portal_port = free_port(), free_port()
+    router_port, portal_port, apps_port = free_port(), free_port(), free_port()
     # The portal's database knows both Spaces; the router's own data dir routes just one
     # (so it does not try to listen on the app's port as well).
     portal_config = load_config({}, data_dir=str(root / "portal"), router_host="127.0.0.1")
@@ -481,16 +535,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         load_start = os.getloadavg()[0]
         floor_port = free_port()
-        floor = start_floor(root, floor_port, portal_config.portal_workers,
+        floor = start_floor(root, floor_port, args.workers or portal_config.portal_workers,
                             portal_config.portal_threads)
         router.ensure_router(router_config)
         router.wait_route(router_config, router_port, app_port)
-        portal = start_portal(root / "portal", portal_port, root / "portal.log")
+        add_home_spaces(portal_config)
+        workers = args.workers or portal_config.portal_workers
+        result["settings"]["portal_workers"] = workers
+        portal = start_portal(root / "portal", portal_port, apps_port, workers,
+                              root / "portal.log")
         time.sleep(1.0)
         result["rss_mib"] = {"idle_after_start": rss_report(portal.pid)}
         ports = {"direct": (app_port, ""), "router": (router_port, ""),
-                 "portal": (portal_port, "/s/bench--app"),
-                 "portal-direct": (portal_port, "/s/bench--direct"), "floor": (floor_port, "")}
+                 "portal": (apps_port, "/s/bench--app"),
+                 "portal-direct": (apps_port, "/s/bench--direct"), "floor": (floor_port, "")}
         rounds = []
         for number in range(args.rounds):
             print(f"round {number + 1}/{args.rounds}…", flush=True)
