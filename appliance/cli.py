@@ -76,6 +76,25 @@ def doctor_cmd(obj, as_json):
         sys.exit(1)
 
 
+@cli.command("migrate")
+@click.pass_obj
+@handles_errors
+def migrate_cmd(obj):
+    """Bring the database up to date (a backup is taken first when anything changes).
+
+    Example: appliance migrate
+    """
+    from . import housekeeping
+
+    backup, applied = housekeeping.migrate_with_backup(config_of(obj))
+    if not applied:
+        click.echo("The database is up to date.")
+        return
+    if backup:
+        click.echo(f"Backed up the database to {backup}")
+    click.echo(f"Applied {', '.join(applied)}")
+
+
 @cli.group("images")
 def images_group() -> None:
     """Base and SDK images on this box.

@@ -21,6 +21,7 @@ from typing import Any
 from . import host, spaces, stages
 from .config import Config
 from .errors import ApplianceError
+from .store import MIGRATIONS, Store, open_store
 
 GiB = 1024**3
 MiB = 1024**2
@@ -62,6 +63,24 @@ class BackupReport:
 
 def backups_dir(config: Config) -> Path:
     return config.data_path / "backups"
+
+
+def migrate_with_backup(config: Config) -> tuple[Path | None, list[str]]:
+    """Apply pending migrations, after an online backup of the database when there are any
+    (an upgrade's first step). Returns (the backup or None, the migrations applied)."""
+    backup, pending = None, [name for name, _ in MIGRATIONS]
+    if config.db_path.exists():
+        store = Store(config.db_path)
+        try:
+            pending = store.pending_migrations()
+            if pending:
+                stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+                backup = backups_dir(config) / f"pre-migrate-{stamp}.db"
+                store.backup(backup)
+        finally:
+            store.close()
+    open_store(config.db_path).close()
+    return backup, pending
 
 
 def next_backup_at(config: Config, now: datetime | None = None) -> datetime:

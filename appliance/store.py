@@ -184,6 +184,10 @@ class Store:
                     applied.append(name)
         return applied
 
+    def pending_migrations(self) -> list[str]:
+        done = set(self.applied_migrations())
+        return [name for name, _ in MIGRATIONS if name not in done]
+
     def applied_migrations(self) -> list[str]:
         if "migrations" not in self.db.table_names():
             return []
