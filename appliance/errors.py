@@ -25,6 +25,24 @@ class NotFound(ApplianceError):
     status = 404
 
 
+class Unauthorized(ApplianceError):
+    """No valid login or token was given."""
+
+    status = 401
+
+
+class Forbidden(ApplianceError):
+    """The caller is known but may not do this (role, token scope)."""
+
+    status = 403
+
+
+class TooManyAttempts(ApplianceError):
+    """A client failed to log in too often lately."""
+
+    status = 429
+
+
 class Conflict(ApplianceError):
     """The request races or collides with existing state (duplicate name, stage moved)."""
 

@@ -453,8 +453,8 @@ class Store:
 
     def delete_user(self, name: str, actor: str) -> None:
         with self.transaction():
-            self.db.execute("update tokens set revoked_at = ? where user = ? and revoked_at "
-                            "is null", [now(), name])
+            # The user's tokens go with them (the events keep who made and used what).
+            self.db.execute("delete from tokens where user = ?", [name])
             if self.db.execute("delete from users where name = ?", [name]).rowcount == 0:
                 raise NotFound(f"No user named {name}")
             self.add_event(None, "user:deleted", actor, {"user": name})

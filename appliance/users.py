@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ApplianceError, InvalidInput, NotFound
+from .errors import InvalidInput, NotFound, TooManyAttempts, Unauthorized
 from .store import Store
 
 ROLES = ("admin", "member", "viewer")
@@ -22,22 +22,6 @@ MIN_PASSWORD = 8
 # scrypt with N=2^15, r=8: 32 MiB and ~50 ms per hash, memory-hard against GPU guessing.
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 15, 8, 1
 FAILURE_WINDOW = 15 * 60
-
-
-class Unauthorized(ApplianceError):
-    """No valid login or token was given."""
-
-    status = 401
-
-
-class Forbidden(ApplianceError):
-    """The caller is known but may not do this (role, token scope)."""
-
-    status = 403
-
-
-class TooManyAttempts(ApplianceError):
-    status = 429
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,9 @@ from flask import Flask, abort, g, jsonify, render_template, request, session
 
 from . import spaces, users
 from .config import Config, load_config
-from .errors import ApplianceError, InvalidInput
+from .errors import ApplianceError, Forbidden, InvalidInput, Unauthorized
 from .store import open_store
-from .users import ANONYMOUS, Caller, Forbidden, Unauthorized
+from .users import ANONYMOUS, Caller
 
 UNSAFE = {"POST", "PUT", "PATCH", "DELETE"}
 CSRF_FIELD = "csrf_token"

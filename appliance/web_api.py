@@ -13,7 +13,7 @@ from typing import Any
 from flask import Blueprint, Flask, jsonify, request
 
 from . import doctor, gpus, space_actions, spaces, users
-from .errors import InvalidInput
+from .errors import Forbidden, InvalidInput
 from .web import (
     caller,
     check,
@@ -184,7 +184,7 @@ def create_token():
         check("admin")
     scope = str(data.get("scope", "read"))
     if scope == "write" and not who.can_write:
-        raise users.Forbidden(f"{who.user} is a {who.role}: only read tokens")
+        raise Forbidden(f"{who.user} is a {who.role}: only read tokens")
     token_id, token = users.create_token(context().store, str(data.get("name", "")), user,
                                          scope, who.actor)
     return jsonify({"id": token_id, "token": token, "user": user, "scope": scope}), 201

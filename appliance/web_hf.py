@@ -20,9 +20,8 @@ from typing import Any
 from flask import Blueprint, Flask, Response, jsonify, request
 
 from . import allocation, builds, space_actions, spaces, stages
-from .errors import ApplianceError, Conflict, InvalidInput, NotFound
+from .errors import ApplianceError, Conflict, InvalidInput, NotFound, Unauthorized
 from .store import open_store
-from .users import Unauthorized
 from .web import (
     UNSAFE,
     bearer_token,

@@ -22,7 +22,7 @@ from flask import (
 )
 
 from . import doctor, housekeeping, space_actions, spaces, stages, users
-from .errors import ApplianceError, NotFound
+from .errors import ApplianceError, Forbidden, NotFound, Unauthorized
 from .web import (
     caller,
     check_manage,
@@ -403,7 +403,7 @@ def setup():
     if store.count_admins() > 0:
         return redirect(url_for("pages.login"))
     if not from_localhost():
-        raise users.Forbidden("The first admin can only be created from the box itself",
+        raise Forbidden("The first admin can only be created from the box itself",
                               hint="open http://127.0.0.1:PORT/setup there, or run "
                               "'appliance users add NAME --role admin'")
     if request.method == "GET":
@@ -433,10 +433,10 @@ def account(new_token: str | None = None):
 def token_create():
     who = caller()
     if who.user is None or who.via != "session":
-        raise users.Unauthorized("Log in to create tokens")
+        raise Unauthorized("Log in to create tokens")
     scope = request.form.get("scope", "read")
     if scope == "write" and not who.can_write:
-        raise users.Forbidden(f"{who.user} is a {who.role}: only read tokens")
+        raise Forbidden(f"{who.user} is a {who.role}: only read tokens")
     _, token = users.create_token(context().store, request.form.get("name", "").strip(),
                                   who.user, scope, who.actor)
     return account(new_token=token)
@@ -447,7 +447,7 @@ def token_create():
 def token_revoke(token_id: int):
     who = caller()
     if who.user is None or who.via != "session":
-        raise users.Unauthorized("Log in to revoke tokens")
+        raise Unauthorized("Log in to revoke tokens")
     context().store.revoke_token(token_id, who.actor, user=None if who.is_admin else who.user)
     flash(f"Revoked token {token_id}", "ok")
     return redirect(url_for("pages.account"))

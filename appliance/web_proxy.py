@@ -31,7 +31,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from flask import Flask
 
 from . import users
-from .errors import InvalidInput
+from .errors import InvalidInput, Unauthorized
 from .sources import validate_space_id
 from .store import Store
 
@@ -435,7 +435,7 @@ class SpaceProxy:
             try:
                 users.caller_for_token(self.store(), auth[7:].strip())
                 return None
-            except users.Unauthorized as exc:
+            except Unauthorized as exc:
                 message, hint = exc.message, exc.hint
                 return lambda start: self.page(environ, start, 401, message, hint,
                                                json_too=True)

@@ -43,6 +43,19 @@ def commit(path: Path, files: dict[str, str | None], message: str) -> str:
     return git(path, "rev-parse", "HEAD")
 
 
+def wait_for(predicate, timeout: float, what: str):
+    """Poll predicate until it returns something true (returned), or fail saying what."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def as_service(*command: str, check: bool = True) -> subprocess.CompletedProcess:
     """Run a command as the service account, with its rootless Podman environment."""
     import pwd

@@ -10,7 +10,7 @@ import uuid
 import pytest
 import requests
 from click.testing import CliRunner
-from conftest import commit, labelled, make_space_repo
+from conftest import commit, labelled, make_space_repo, wait_for
 
 from appliance import spaces, stages
 from appliance.cli import cli
@@ -29,15 +29,6 @@ WORKDIR /srv
 CMD ["python3", "-m", "http.server", "8080"]
 """
 
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_worker_killed_mid_build_leaves_a_space_that_update_recovers(appliance_env):

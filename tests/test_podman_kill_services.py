@@ -14,7 +14,7 @@ import time
 
 import pytest
 import requests
-from conftest import REPO, commit, labelled, make_space_repo
+from conftest import REPO, commit, labelled, make_space_repo, wait_for
 
 from appliance import jobs, reconcile, space_actions, spaces, stages, users
 from appliance.config import SETTINGS
@@ -51,15 +51,6 @@ def kill(process: subprocess.Popen) -> None:
         pass
     process.wait(10)
 
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def settled(ctx, space_id: str) -> bool:
