@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -34,19 +35,20 @@ def serve_cmd(obj, host, port, apps_port, workers):
 
     Example: appliance serve --host 0.0.0.0 --port 8080 --apps-port 8081
     """
-    from . import web_server
-
     config = config_of(obj)
-    # The pages link to the apps' port and the proxy to the portal's: both must know them.
-    for name, value in (("portal_port", port), ("portal_apps_port", apps_port)):
+    chosen = {"portal_host": host, "portal_port": port, "portal_apps_port": apps_port,
+              "portal_workers": workers}
+    for name, value in chosen.items():
         if value is not None:
             config.values[name] = value
     if config.portal_apps_port == config.portal_port:
         raise InvalidInput(f"The apps port and the portal port are both {config.portal_port}",
                            hint="pick another --apps-port, or 0 to serve the apps on the "
                            "portal's port")
-    web_server.serve(config, host or config.portal_host, config.portal_port,
-                     workers or config.portal_workers)
+    # gunicorn's master runs in a fresh interpreter holding only the settings (this one has
+    # imported the whole command line); the options travel as the settings they override.
+    os.environ.update({f"APPLIANCE_{name.upper()}": str(config.values[name]) for name in chosen})
+    os.execv(sys.executable, [sys.executable, "-m", "appliance.web_server"])
 
 
 @click.group("users")

@@ -44,8 +44,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Port serving the Spaces' apps (/s/OWNER--NAME/): another origin than the portal, so "
             "a Space's scripts cannot act as its visitor on the portal; 0 serves them on "
             "portal_port.", int),
-    Setting("portal_workers", 2, "gunicorn worker processes of the portal.", int),
-    Setting("portal_threads", 16, "Threads per portal worker (each open proxy stream holds one).",
+    Setting("portal_workers", 1,
+            "gunicorn worker processes of the portal (about 50 MiB each; more serve more "
+            "requests at once on a box with cores to spare).", int),
+    Setting("portal_threads", 32, "Threads per portal worker (each open proxy stream holds one).",
             int),
     Setting("portal_public", True,
             "Let visitors who are not logged in see the home page and public Spaces.", bool),

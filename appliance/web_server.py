@@ -57,3 +57,17 @@ def options(config: Config, host: str, port: int, workers: int) -> dict[str, Any
 
 def serve(config: Config, host: str, port: int, workers: int) -> None:
     Portal(config, options(config, host, port, workers)).run()
+
+
+def main() -> None:
+    """Run gunicorn's master in a fresh interpreter that has imported only this module and
+    the settings (`appliance serve` execs it): the app itself loads in the workers, so the
+    master stays small."""
+    from .config import load_config
+
+    config = load_config()
+    serve(config, config.portal_host, config.portal_port, config.portal_workers)
+
+
+if __name__ == "__main__":
+    main()
