@@ -7,15 +7,21 @@ each backend still holds in a small state file, so a switch can wait until the n
 live and the old container has drained before stopping it. It also records when each Space
 last saw a request (for sleeping) and, for a sleeping Space, asks for a wake and answers with
 a "waking up" page that refreshes itself.
+
+Bytes are relayed with splice(2), socket to a kernel pipe to socket, so that the router never
+copies a body through Python: on a small box the router, the portal, the app and the visitor
+share the same cores, and copying was most of what the router cost.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -38,6 +44,16 @@ WAKING = (
     b"Content-Length: " + str(len(WAKING_BODY)).encode() + b"\r\n\r\n" + WAKING_BODY
 )
 FLUSH_SECONDS = 2.0
+BACKLOG = 100
+# A pipe is lent to a connection only while bytes move through it, so idle connections (the
+# portal's kept-alive ones, quiet WebSockets) hold none. Pipe capacity counts against the
+# user's pipe-user-pages-soft budget, which the Spaces' containers share: 256 KiB moves a
+# large body in few calls without taking much of it.
+PIPE_BYTES = 256 * 1024
+IDLE_PIPES = 8
+SPLICE = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+RECV_BYTES = 65536
+LINGER_SECONDS = 2.0
 NOT_RUNNING = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
     b"Connection: close\r\nContent-Length: 68\r\n\r\n"
@@ -62,7 +78,7 @@ class Router:
         self.config = config
         self.store = Store(config.db_path)
         self.routes: dict[int, int | None] = {}
-        self.servers: dict[int, asyncio.base_events.Server] = {}
+        self.servers: dict[int, Listener] = {}
         self.connections: dict[int, int] = {}
         self.errors: dict[int, str] = {}
         self.sleeping: set[int] = set()
@@ -71,20 +87,65 @@ class Router:
         self.wakes: set[int] = set()
         self._dirty = True
         self._stopping = asyncio.Event()
+        self.pipes = Pipes()
+        self.tasks: set[asyncio.Task] = set()
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _relay(self, source: socket.socket, sink: socket.socket) -> None:
+        """Move bytes from source to sink until source ends; then end sink's side too."""
+        loop = asyncio.get_running_loop()
+        src, dst = source.fileno(), sink.fileno()
+        pipe = None
+        held = 0  # bytes in the pipe, not yet passed on
         try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, asyncio.CancelledError):
+            while True:
+                if pipe is None:
+                    await _ready(loop.add_reader, loop.remove_reader, src)
+                    pipe = self.pipes.take()
+                    woken = True
+                try:
+                    held = os.splice(src, pipe[1], pipe[2], flags=SPLICE)
+                except BlockingIOError:
+                    self.pipes.give(pipe)
+                    pipe = None
+                    if woken:
+                        # Readable, yet nothing to splice: TCP urgent data stops splice at its
+                        # mark (and the socket stays readable), so recv() steps past it.
+                        if not await self._recv_send(loop, source, sink):
+                            break
+                    continue
+                woken = False
+                if not held:
+                    break
+                while held:
+                    try:
+                        held -= os.splice(pipe[0], dst, held, flags=SPLICE)
+                    except BlockingIOError:
+                        await _ready(loop.add_writer, loop.remove_writer, dst)
+        except OSError:  # a reset, or the other side vanished
             pass
         finally:
-            with contextlib.suppress(Exception):
-                writer.write_eof()
+            if pipe is not None:
+                if held:
+                    self.pipes.discard(pipe)
+                else:
+                    self.pipes.give(pipe)
+            with contextlib.suppress(OSError):
+                sink.shutdown(socket.SHUT_WR)
 
-    async def _handle(self, port: int, reader: asyncio.StreamReader,
-                      writer: asyncio.StreamWriter) -> None:
+    @staticmethod
+    async def _recv_send(loop: asyncio.AbstractEventLoop, source: socket.socket,
+                         sink: socket.socket) -> bool:
+        """Pass on what one recv() returns; False at the end of source's stream."""
+        try:
+            data = source.recv(RECV_BYTES)
+        except BlockingIOError:
+            return True
+        if data:
+            await loop.sock_sendall(sink, data)
+        return bool(data)
+
+    async def _handle(self, port: int, client: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
         backend = self.routes.get(port)
         self.last_seen[port] = datetime.now(UTC).isoformat(timespec="milliseconds")
         self.open[port] = self.open.get(port, 0) + 1
@@ -92,31 +153,47 @@ class Router:
         if backend:
             self.connections[backend] = self.connections.get(backend, 0) + 1
             self._dirty = True
+            upstream = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            upstream.setblocking(False)
             try:
-                upstream = await asyncio.open_connection("127.0.0.1", backend)
+                await loop.sock_connect(upstream, ("127.0.0.1", backend))
+                upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
+                upstream.close()
                 upstream = None
         try:
             if upstream is None:
                 if port in self.sleeping:
                     self.wakes.add(port)  # the scheduler starts it; the page refreshes itself
-                    writer.write(WAKING)
+                    await loop.sock_sendall(client, WAKING)
                 else:
-                    writer.write(NOT_RUNNING)
-                await writer.drain()
+                    await loop.sock_sendall(client, NOT_RUNNING)
+                await _linger(loop, client)
                 return
-            up_reader, up_writer = upstream
-            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
-            up_writer.close()
-        except (ConnectionError, OSError):
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await asyncio.gather(self._relay(client, upstream), self._relay(upstream, client))
+        except OSError:
             pass
         finally:
             self.open[port] -= 1
             if backend:
                 self.connections[backend] -= 1
                 self._dirty = True
-            with contextlib.suppress(Exception):
-                writer.close()
+            for sock in (client, upstream):
+                if sock is not None:
+                    sock.close()
+
+    async def _accept(self, port: int, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                client, _address = await loop.sock_accept(listener)
+            except OSError:  # out of file descriptors, say: try again shortly
+                await asyncio.sleep(POLL_SECONDS)
+                continue
+            task = asyncio.create_task(self._handle(port, client))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
 
     async def _apply(self, wanted: dict[int, int | None]) -> None:
         for port in list(self.servers):
@@ -127,12 +204,13 @@ class Router:
         for port, backend in wanted.items():
             if port not in self.servers and port not in self.errors:
                 try:
-                    self.servers[port] = await asyncio.start_server(
-                        lambda r, w, p=port: self._handle(p, r, w),
-                        self.config.router_host, port, reuse_address=True)
+                    sockets = _listen(self.config.router_host, port)
                 except OSError as exc:
                     self.errors[port] = f"cannot listen on {self.config.router_host}:{port}: " \
                                         f"{exc.strerror}"
+                else:
+                    self.servers[port] = Listener(sockets, [
+                        asyncio.create_task(self._accept(port, sock)) for sock in sockets])
                 self._dirty = True
             if self.routes.get(port, -1) != backend:
                 self.routes[port] = backend
@@ -178,6 +256,111 @@ class Router:
                 await asyncio.wait_for(self._stopping.wait(), POLL_SECONDS)
         for server in self.servers.values():
             server.close()
+        self.pipes.close()
+
+
+class Listener:
+    """A Space port's listening sockets and the tasks accepting on them."""
+
+    def __init__(self, sockets: list[socket.socket], tasks: list[asyncio.Task]):
+        self.sockets = sockets
+        self.tasks = tasks
+
+    def close(self) -> None:
+        """Stop accepting; connections already made carry on."""
+        loop = asyncio.get_running_loop()
+        for task in self.tasks:
+            task.cancel()
+        for sock in self.sockets:
+            # Unregistered now, not when the cancelled task next runs: by then a new listener
+            # may have been given the same file descriptor number.
+            loop.remove_reader(sock.fileno())
+            sock.close()
+
+
+class Pipes:
+    """Kernel pipes for splice(2), lent to a connection while bytes move through it."""
+
+    def __init__(self, size: int = PIPE_BYTES, keep: int = IDLE_PIPES):
+        self.size = size
+        self.keep = keep
+        self.idle: list[tuple[int, int, int]] = []
+
+    def take(self) -> tuple[int, int, int]:
+        """Return (read end, write end, capacity) of an empty pipe."""
+        if self.idle:
+            return self.idle.pop()
+        read, write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            size = fcntl.fcntl(write, fcntl.F_SETPIPE_SZ, self.size)
+        except OSError:  # over the user's pipe budget: the default size still works
+            size = fcntl.fcntl(write, fcntl.F_GETPIPE_SZ)
+        return read, write, size
+
+    def give(self, pipe: tuple[int, int, int]) -> None:
+        """Take back an empty pipe."""
+        if len(self.idle) < self.keep:
+            self.idle.append(pipe)
+        else:
+            self.discard(pipe)
+
+    @staticmethod
+    def discard(pipe: tuple[int, int, int]) -> None:
+        """Close a pipe that may still hold bytes."""
+        for fd in pipe[:2]:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def close(self) -> None:
+        while self.idle:
+            self.discard(self.idle.pop())
+
+
+def _listen(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets on every address host names (as asyncio.start_server makes them)."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                               flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _name, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(BACKLOG)
+            sock.setblocking(False)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+async def _ready(add, remove, fd: int) -> None:
+    """Wait until fd is readable (add_reader) or writable (add_writer)."""
+    waiter = asyncio.get_running_loop().create_future()
+    add(fd, _wake, waiter)
+    try:
+        await waiter
+    finally:
+        remove(fd)
+
+
+def _wake(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+async def _linger(loop: asyncio.AbstractEventLoop, client: socket.socket) -> None:
+    """End our side, then read what the visitor still sends until they close: closing with
+    their request unread would reset the connection, and might lose the answer with it."""
+    with contextlib.suppress(OSError, asyncio.TimeoutError):
+        client.shutdown(socket.SHUT_WR)
+        async with asyncio.timeout(LINGER_SECONDS):
+            while await loop.sock_recv(client, RECV_BYTES):
+                pass
 
 
 def main() -> None:

@@ -434,6 +434,100 @@ class Runtime:
         container = self._find(name)
         return container.attrs.get("State", {}).get("Pid") or None if container else None
 
+    # -- bundles (air-gapped export and import) ----------------------------------------------
+
+    def save_images(self, names: list[str]) -> Iterator[bytes]:
+        """Stream one docker-archive holding the named images (shared layers stored once)."""
+        try:
+            response = self.client.api.get(
+                "/images/export", params={"references": list(names), "format": "docker-archive",
+                                          "compress": "false"}, stream=True)
+            response.raise_for_status()
+        except (podman.errors.APIError, requests.RequestException) as exc:
+            raise RuntimeUnavailable(f"Podman could not save {', '.join(names)}: "
+                                     f"{_api_error_text(exc)}") from None
+        return response.iter_content(chunk_size=1 << 20)
+
+    def load_archive(self, archive: Path) -> list[str]:
+        """Load a `podman save` archive streamed from disk; return the names Podman reports."""
+        try:
+            with open(archive, "rb") as body:
+                response = self.client.api.post(
+                    "/images/load", data=body, headers={"Content-type": "application/x-tar"})
+                response.raise_for_status()
+        except OSError as exc:
+            raise InvalidInput(f"Cannot read image archive {archive}: {exc.strerror}") from None
+        except (podman.errors.APIError, requests.RequestException) as exc:
+            raise InvalidInput(f"{archive} is not an image archive Podman can load: "
+                               f"{_api_error_text(exc)}") from None
+        return list(response.json().get("Names") or [])
+
+    def _inspect_image(self, name: str) -> Any:
+        try:
+            return self.client.images.get(name)
+        except podman.errors.ImageNotFound:
+            raise InvalidInput(f"Image {name} is not in Podman's storage") from None
+        except (podman.errors.APIError, requests.RequestException) as exc:
+            raise RuntimeUnavailable(f"Podman at {self.url} failed: {exc}") from None
+
+    def image_id(self, name: str) -> str:
+        """Return the full id of the named image."""
+        return self._inspect_image(name).id
+
+    def image_labels(self, name: str) -> dict[str, str]:
+        return dict(self._inspect_image(name).labels or {})
+
+    def image_ancestors(self, name: str) -> set[str]:
+        """Return the ids of the images the named one was built on (from its history)."""
+        image = self._inspect_image(name)
+        try:
+            history = image.history()
+        except (podman.errors.APIError, requests.RequestException) as exc:
+            raise RuntimeUnavailable(f"Podman could not read the history of {name}: {exc}"
+                                     ) from None
+        found = {entry.get("Id", "") for entry in history}
+        # History names only the steps whose intermediate images still exist; the Parent
+        # chain of a locally built image reaches the image it was built FROM.
+        parent = image.attrs.get("Parent")
+        for _ in range(500):
+            if not parent:
+                break
+            found.add(parent)
+            try:
+                parent = self.client.images.get(parent).attrs.get("Parent")
+            except (podman.errors.APIError, requests.RequestException):
+                break
+        return {i.removeprefix("sha256:") for i in found if i and i != "<missing>"}
+
+    def fill_volume(self, volume: str, archive: Path, image: str,
+                    chown_paths: list[str], owner: str = "1000:1000") -> None:
+        """Extract a tar into a volume through a short-lived container of image (no network),
+        then give chown_paths (relative to the volume) to the Spaces' user."""
+        name = f"appliance-fill-{os.urandom(4).hex()}"
+        try:
+            container = self.client.containers.create(
+                image=image, name=name, command=["sleep", "3600"], user="0:0",
+                volumes={volume: {"bind": "/volume", "mode": "rw"}}, network_mode="none",
+                labels={LABEL_ROLE: "bundle-import", LABEL_INSTANCE: self.config.instance_id})
+            container.start()
+            with open(archive, "rb") as body:
+                response = self.client.api.put(f"/containers/{name}/archive",
+                                               params={"path": "/volume"}, data=body)
+            if not response.ok:
+                raise RuntimeUnavailable(f"Podman could not write into the volume {volume}: "
+                                         f"{_decode_error(response.text)}")
+            code, output = container.exec_run(
+                ["chown", "-R", owner, *(f"/volume/{p}" for p in chown_paths)])
+            if code not in (0, None):
+                text = output.decode(errors="replace") if isinstance(output, bytes) else output
+                raise RuntimeUnavailable(f"Could not hand the files in {volume} to {owner}: "
+                                         f"{text}")
+        except (podman.errors.APIError, requests.RequestException) as exc:
+            raise RuntimeUnavailable(f"Podman could not fill the volume {volume}: "
+                                     f"{_api_error_text(exc)}") from None
+        finally:
+            self.remove_container(name)
+
 
 class PortInUse(RuntimeUnavailable):
     def __init__(self, port: int):

@@ -8,7 +8,9 @@ the request for sleeping; the proxy records nothing itself.
 
 Bodies stream both ways (uploads are never held in memory, SSE events pass one by one), and a
 WebSocket upgrade becomes a byte tunnel on a thread of its own, so it does not hold one of
-gunicorn's request threads. The Space's app sees the portal as a reverse proxy:
+gunicorn's request threads. A large body of known length is moved to the visitor with
+splice(2), app socket to a kernel pipe to the visitor's socket, never copied through Python.
+The Space's app sees the portal as a reverse proxy:
 X-Forwarded-Host is the portal's host plus the prefix, which is what Gradio 5 builds its
 public URL from, so the same container answers on its own port and under the prefix.
 """
@@ -16,7 +18,9 @@ public URL from, so the same container answers on its own port and under the pre
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
+import os
 import re
 import selectors
 import socket
@@ -58,6 +62,11 @@ CUSTOM_HEADERS = frozenset({
 })
 PORTAL_TOKEN = "bearer " + users.TOKEN_PREFIX
 CHUNK = 256 * 1024
+HEAD_READ = 64 * 1024  # what one read takes while looking for the head's end
+# Bodies of known length from this size on are spliced to the visitor (under gunicorn);
+# smaller ones pass through Python, where a pipe's set-up would cost more than the copy.
+SPLICE_BODY = 128 * 1024
+PIPE_BYTES = 256 * 1024  # a spliced body's pipe, held for that response only
 SMALL_BODY = 64 * 1024  # request bodies up to this are read first, sent with the head, replayable
 REWRITE_LIMIT = 2 << 20  # web_offline.rewrite sees text/html and text/css up to this size
 CONNECT_TIMEOUT = 5.0
@@ -146,7 +155,7 @@ class Upstream:
         """Read more while looking for a line's end; refuse lines longer than limit."""
         if len(self.buf) > limit:
             raise ValueError(f"the app's response head has a line over {limit} bytes")
-        data = self.sock.recv(CHUNK)
+        data = self.sock.recv(HEAD_READ)
         if not data:
             raise UpstreamClosed("the app closed the connection", fresh=False)
         self.buf += data
@@ -181,10 +190,10 @@ class Upstream:
             self.version = version
             return status, reason, headers
 
-    def body(self, method: str, status: int, headers: list[tuple[str, str]]
-             ) -> Iterator[bytes]:
-        """Yield the response body as it arrives; afterwards .reusable says keep-alive."""
-        self.reusable = False
+    def framing(self, method: str, status: int, headers: list[tuple[str, str]]
+                ) -> tuple[str, int, bool]:
+        """How the response's body ends: ("none" | "length" | "chunked" | "close", length,
+        whether the connection may be kept alive after it)."""
         coding = length = None
         connection = ""
         for name, value in headers:
@@ -198,23 +207,55 @@ class Upstream:
         keep = "close" not in connection and (
             self.version == "HTTP/1.1" or "keep-alive" in connection)
         if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
-            self.reusable = keep
-            return
+            return "none", 0, keep
         if coding is not None:
             if coding.rsplit(",", 1)[-1].strip() != "chunked":
-                yield from self._until_close()
-                return
-            yield from self._chunked()
-        elif length is not None:
-            left = int(length)
-            while left > 0:
-                data = self._take(left)
-                left -= len(data)
-                yield data
-        else:
+                return "close", 0, False
+            return "chunked", 0, keep
+        if length is not None:
+            return "length", int(length), keep
+        return "close", 0, False
+
+    def body(self, method: str, status: int, headers: list[tuple[str, str]]
+             ) -> Iterator[bytes]:
+        """Yield the response body as it arrives; afterwards .reusable says keep-alive."""
+        self.reusable = False
+        kind, left, keep = self.framing(method, status, headers)
+        if kind == "close":
             yield from self._until_close()
             return
+        if kind == "chunked":
+            yield from self._chunked()
+        while left > 0:
+            data = self._take(left)
+            left -= len(data)
+            yield data
         self.reusable = keep
+
+    def splice_to(self, client: socket.socket, length: int) -> None:
+        """Move a body of length bytes to client, through a kernel pipe (both sockets
+        blocking: the calls wait in the kernel, without the GIL)."""
+        if self.buf:
+            data, self.buf = self.buf[:length], self.buf[length:]
+            client.sendall(data)
+            length -= len(data)
+        read, write = os.pipe2(os.O_CLOEXEC)
+        try:
+            with contextlib.suppress(OSError):  # over the user's pipe budget: default size
+                fcntl.fcntl(write, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+            source, sink = self.sock.fileno(), client.fileno()
+            while length > 0:
+                # Returns as soon as some bytes came (it waits only for the first).
+                moved = os.splice(source, write, min(length, PIPE_BYTES))
+                if not moved:
+                    raise UpstreamClosed("the app closed the connection mid-answer",
+                                         fresh=False)
+                length -= moved
+                while moved:
+                    moved -= os.splice(read, sink, moved)
+        finally:
+            os.close(read)
+            os.close(write)
 
     def _take(self, most: int) -> bytes:
         if self.buf:
@@ -640,7 +681,14 @@ class SpaceProxy:
                     start_response(status_line, rewritten[0])
                     return [rewritten[1]]
         start_response(status_line, out)
-        return self._relay(host, port, backend, conn, chunks, environ.get("gunicorn.socket"))
+        client = environ.get("gunicorn.socket")
+        if client is not None and method != "HEAD":
+            with contextlib.suppress(ValueError):  # a bad length: _relay cuts it off
+                kind, length, keep = conn.framing(method, status, upstream)
+                if kind == "length" and length - len(conn.buf) >= SPLICE_BODY \
+                        and _can_splice(environ, client, conn.sock):
+                    return self._splice(host, port, backend, conn, client, length, keep)
+        return self._relay(host, port, backend, conn, chunks, client)
 
     def _relay(self, host: str, port: int, backend: Any, conn: Upstream,
                chunks: Iterator[bytes], client: socket.socket | None) -> Iterator[bytes]:
@@ -659,6 +707,28 @@ class SpaceProxy:
             if done:
                 self._finish(host, port, backend, conn)
             else:  # the visitor left mid-stream, or the app broke off: drop the connection
+                conn.close()
+
+    def _splice(self, host: str, port: int, backend: Any, conn: Upstream,
+                client: socket.socket, length: int, keep: bool) -> Iterator[bytes]:
+        done = False
+        try:
+            # gunicorn sends the status line and headers for the first item, even an empty
+            # one; the body then goes straight to its socket, and the connection stays
+            # kept-alive (gunicorn counts on the Content-Length it was given).
+            yield b""
+            conn.splice_to(client, length)
+            conn.reusable = keep
+            done = True
+        except (OSError, ValueError):
+            # The app broke off, or the visitor left: the answer is cut short, so the
+            # visitor's connection must end too (see _relay).
+            with contextlib.suppress(OSError):
+                client.shutdown(socket.SHUT_RDWR)
+        finally:
+            if done:
+                self._finish(host, port, backend, conn)
+            else:
                 conn.close()
 
     def _finish(self, host: str, port: int, backend: Any, conn: Upstream) -> None:
@@ -803,6 +873,14 @@ def _send(start_response: Callable, status: str, headers: list[tuple[str, str]],
           body: bytes) -> list[bytes]:
     start_response(status, [*headers, ("Content-Length", str(len(body)))])
     return [body]
+
+
+def _can_splice(environ: dict[str, Any], client: Any, upstream: socket.socket) -> bool:
+    """Whether a body may bypass gunicorn: plain HTTP/1.x on blocking sockets (not TLS,
+    whose bytes gunicorn must encrypt, nor HTTP/2, which frames them)."""
+    return (type(client) is socket.socket and client.gettimeout() is None
+            and upstream.gettimeout() is None
+            and environ.get("SERVER_PROTOCOL", "").startswith("HTTP/1."))
 
 
 def _reason(status: int) -> str:

@@ -419,9 +419,30 @@ def test_home_page_shows_a_card_per_space_as_its_readme_describes(portal, page):
             rf"--from: var\(--c-{front['colorFrom']}\); --to: var\(--c-{front['colorTo']}\)"))
 
 
+def test_portal_fits_a_phone_and_loads_nothing_from_the_internet(portal, page, browser):
+    phone = browser.new_context(base_url=portal.url, viewport={"width": 390, "height": 844},
+                                device_scale_factor=2, is_mobile=True, has_touch=True)
+    phone.add_cookies(page.context.cookies())
+    tab = phone.new_page()
+    seen: list[str] = []
+    tab.on("request", lambda r: seen.append(r.url))
+    try:
+        for path, shot in (("/", "phone-home.png"), (f"/spaces/{GRADIO}", "phone-space.png"),
+                           (f"/spaces/{GRADIO}/settings", None), ("/system", None)):
+            tab.goto(path, wait_until="load")
+            overflow = tab.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+            assert overflow <= 0, f"{path} is {overflow} px wider than a phone's screen"
+            if shot:
+                screenshot(tab, shot)
+        outside = [url for url in seen if "/s/" not in url and not is_loopback(url)]
+        assert not outside, f"the portal's pages fetched from outside the box: {outside}"
+    finally:
+        phone.close()
+
+
 def test_screenshots_were_saved():
     for name in ("home.png", "space-gradio.png", "space-streamlit.png",
-                 "space-gradio-offline.png"):
+                 "space-gradio-offline.png", "phone-home.png", "phone-space.png"):
         path = ARTIFACTS / name
         assert path.is_file(), f"{path} was not written"
         assert path.stat().st_size > 10_000, f"{path} is only {path.stat().st_size} bytes"
