@@ -531,9 +531,15 @@ def download_wheels(dest: Path, log: Log = _quiet) -> None:
                        hint="run the export from a checkout of the appliance")
     dest.mkdir(parents=True, exist_ok=True)
     log("Building the appliance wheel and downloading its dependencies with pip")
-    done = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(dest), str(root)],
-        capture_output=True, text=True, timeout=1800)
+    leftover = root / "build"  # setuptools builds in the source tree: leave it as it was
+    had_build_dir = leftover.exists()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(dest),
+             str(root)], capture_output=True, text=True, timeout=1800)
+    finally:
+        if not had_build_dir:
+            shutil.rmtree(leftover, ignore_errors=True)
     if done.returncode != 0:
         tail = " / ".join(done.stderr.strip().splitlines()[-3:])
         raise ApplianceError(f"pip could not gather the appliance's wheels: {tail}",

@@ -283,6 +283,27 @@ def spaces_update_policy(obj, space_id, policy, interval, revision, as_json):
           as_json, space_text)
 
 
+@spaces_group.command("health")
+@click.argument("space_id")
+@click.option("--path", help="URL path to probe (default: the Space's base_path).")
+@click.option("--interval", type=float,
+              help="Seconds between probes of this Space (default: health_interval).")
+@click.option("--reset", is_flag=True, help="Back to the defaults.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+@handles_errors
+def spaces_health(obj, space_id, path, interval, reset, as_json):
+    """Give a Space a health-check path and interval of its own.
+
+    Example: appliance spaces health owner/name --path /healthz --interval 30
+    """
+    from . import health
+
+    if reset and (path or interval):
+        raise InvalidInput("--reset takes no --path or --interval")
+    emit(health.set_health(context_of(obj), space_id, path, interval), as_json, space_text)
+
+
 @spaces_group.command("sleep-time")
 @click.argument("space_id")
 @click.argument("seconds")

@@ -21,6 +21,7 @@ from typing import Any
 import requests
 
 from . import jobs, spaces, stages
+from .errors import InvalidInput
 from .health_streamlit import probe_streamlit
 
 GAVE_UP = "failed"  # `desired` once the appliance stopped restarting a Space by itself
@@ -47,8 +48,41 @@ def probe(url: str, timeout: float) -> str | None:
 
 
 def _probe_url(row: dict[str, Any]) -> str:
-    base_path = json.loads(row["manifest"] or "{}").get("base_path") or "/"
-    return f"http://127.0.0.1:{row['backend_port']}{base_path}"
+    path = row.get("health_path") or json.loads(row["manifest"] or "{}").get("base_path") or "/"
+    return f"http://127.0.0.1:{row['backend_port']}{path}"
+
+
+# When each Space was last probed, for Spaces with an interval of their own (kept by the
+# scheduler's long-lived process; a restart of it only probes them once more, sooner).
+_last_probe: dict[str, float] = {}
+MIN_HEALTH_INTERVAL = 5.0
+
+
+def due(row: dict[str, Any], now: float) -> bool:
+    """Tell whether a Space's own health interval (if it has one) has passed."""
+    interval = row.get("health_interval")
+    if not interval:
+        return True
+    if now - _last_probe.get(row["id"], 0.0) < interval:
+        return False
+    _last_probe[row["id"]] = now
+    return True
+
+
+def set_health(ctx: spaces.Context, space_id: str, path: str | None,
+               interval: float | None) -> dict[str, Any]:
+    """Give a Space a health path and interval of its own (None: back to the defaults)."""
+    ctx.store.get_space(space_id)
+    if path is not None and (not path.startswith("/") or any(c in path for c in " \r\n#")):
+        raise InvalidInput(f"Health path must be an absolute URL path, got {path!r}",
+                           hint="e.g. /healthz or /api/health (no spaces, no fragment)")
+    if interval is not None and interval < MIN_HEALTH_INTERVAL:
+        raise InvalidInput(f"Health interval must be at least {MIN_HEALTH_INTERVAL:g} seconds, "
+                           f"got {interval:g}", hint="e.g. 30; leave it out for the default")
+    ctx.store.update_space(space_id, actor=ctx.actor, event="health-settings",
+                           detail={"path": path, "interval": interval},
+                           health_path=path, health_interval=interval)
+    return spaces.describe(ctx, space_id)
 
 
 # When each Streamlit Space's script was last run by the check (the scheduler's process
@@ -113,7 +147,7 @@ def health_sweep_once(ctx: spaces.Context, now: float | None = None,
     report = HealthReport()
     rows = [row for row in ctx.store.list_spaces()
             if row["stage"] == stages.RUNNING and row["backend_port"] and row["container"]
-            and not spaces.worker_alive(row)]
+            and not spaces.worker_alive(row) and due(row, now)]
     if not rows:
         return report
     timeout = ctx.config.health_timeout

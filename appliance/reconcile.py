@@ -15,6 +15,7 @@ class ReconcileReport:
     """What one pass did, for the scheduler's log and the tests."""
 
     recovered: list[str] = field(default_factory=list)
+    retried_builds: list[str] = field(default_factory=list)
     restarting: list[str] = field(default_factory=list)
     removed_containers: list[str] = field(default_factory=list)
     gave_up: list[str] = field(default_factory=list)
@@ -22,8 +23,8 @@ class ReconcileReport:
 
     @property
     def changed(self) -> bool:
-        return bool(self.recovered or self.restarting or self.removed_containers
-                    or self.gave_up)
+        return bool(self.recovered or self.retried_builds or self.restarting
+                    or self.removed_containers or self.gave_up)
 
 
 def reconcile_once(ctx: spaces.Context, spawn=jobs.spawn_job,
@@ -69,10 +70,14 @@ def _reconcile_space(ctx: spaces.Context, row: dict, containers: list,
     if spaces.worker_alive(row):
         return  # a worker owns it: leave its containers and stage alone
     if row["stage"] in stages.BUSY and row["stage"] != stages.DELETING:
+        interrupted = row["stage"]
         row = spaces.recover_abandoned(ctx, space_id)
         if row["stage"] in stages.BUSY:
             return  # still owned by a live process (this one)
         report.recovered.append(space_id)
+        if _retry_build(ctx, row, interrupted, spawn):
+            report.retried_builds.append(space_id)
+            return
     if row["stage"] == stages.DELETING:
         spaces.delete(ctx, space_id)  # a delete interrupted half-way: finish it
         return
@@ -97,3 +102,18 @@ def _reconcile_space(ctx: spaces.Context, row: dict, containers: list,
         elif outcome == "gave_up":
             report.gave_up.append(space_id)
 
+
+def _retry_build(ctx: spaces.Context, row: dict, interrupted: str, spawn) -> bool:
+    """Build once more a Space whose build a crash cut short; a second interruption leaves
+    it in the error stage recover_abandoned chose (BUILD_ERROR, or RUNNING on the old
+    revision), for a person."""
+    if interrupted not in (stages.BUILDING, stages.RUNNING_BUILDING) or row["build_retried"]:
+        return False
+    if row["desired"] != "running":
+        return False
+    ctx.store.update_space(row["id"], actor=ctx.actor, event="build-retry",
+                           detail={"interrupted": interrupted}, build_retried=1)
+    needed, _view = spaces.request_update(ctx, row["id"], revision=None)
+    if needed:
+        spawn(ctx, row["id"], "deploy")
+    return needed

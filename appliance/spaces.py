@@ -86,6 +86,8 @@ def _public(config: Config, row: dict[str, Any]) -> dict[str, Any]:
         "previous_revision": row["previous_revision"],
         "sleep_after": row["sleep_after"],
         "update_policy": row["update_policy"],
+        "health_path": row.get("health_path"),
+        "health_interval": row.get("health_interval"),
         "update_interval": row["update_interval"],
         "last_update_check": row["last_update_check"],
         "failed_revision": row["failed_revision"],

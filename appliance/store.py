@@ -136,6 +136,14 @@ def _m007_portal(db: sqlite_utils.Database) -> None:
     db["spaces"].add_column("visibility", str, not_null_default="public")
 
 
+def _m008_space_overrides(db: sqlite_utils.Database) -> None:
+    # Per-Space health check overrides (NULL: the Space's base_path, the global interval),
+    # and whether an interrupted build was already retried once (cleared by a finished build).
+    db["spaces"].add_column("health_path", str)
+    db["spaces"].add_column("health_interval", float)
+    db["spaces"].add_column("build_retried", int, not_null_default=0)
+
+
 # Named migrations, applied in order and recorded in the migrations table. Never edit one
 # that has shipped; append a new one.
 MIGRATIONS: tuple[tuple[str, Callable[[sqlite_utils.Database], None]], ...] = (
@@ -146,6 +154,7 @@ MIGRATIONS: tuple[tuple[str, Callable[[sqlite_utils.Database], None]], ...] = (
     ("005_allocations", _m005_allocations),
     ("006_gpu_samples", _m006_gpu_samples),
     ("007_portal", _m007_portal),
+    ("008_space_overrides", _m008_space_overrides),
 )
 
 
@@ -373,7 +382,12 @@ class Store:
             return table.last_pk
 
     def finish_build(self, build_id: int, status: str, **fields: Any) -> None:
-        self.db["builds"].update(build_id, {**fields, "status": status, "finished_at": now()})
+        with self.transaction():
+            self.db["builds"].update(build_id, {**fields, "status": status,
+                                                "finished_at": now()})
+            if status != "abandoned":  # a build that ran to its end: any later one is new
+                self.db.execute("update spaces set build_retried = 0 where id = (select "
+                                "space_id from builds where id = ?)", [build_id])
 
     def latest_build(self, space_id: str) -> dict[str, Any] | None:
         rows = list(self.db.query(

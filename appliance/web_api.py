@@ -101,6 +101,15 @@ def set_update_policy(owner: str, name: str):
         data.get("revision")))
 
 
+def set_health(owner: str, name: str):
+    from . import health
+
+    data = json_body()
+    interval = data.get("interval")
+    return jsonify(health.set_health(context(), _managed(owner, name), data.get("path"),
+                                     float(interval) if interval is not None else None))
+
+
 def set_visibility(owner: str, name: str):
     return jsonify(space_actions.set_visibility(context(), _managed(owner, name),
                                                 str(json_body().get("visibility", ""))))
@@ -216,6 +225,7 @@ ROUTES: tuple[tuple[str, str, Callable, str, str], ...] = (
     ("PUT", f"{SPACE}/sleep-time", set_sleep_time, "write", "Seconds idle before sleeping"),
     ("PUT", f"{SPACE}/update-policy", set_update_policy, "write", "manual, track or pinned"),
     ("PUT", f"{SPACE}/visibility", set_visibility, "write", "public or private"),
+    ("PUT", f"{SPACE}/health", set_health, "write", "A health path and interval of its own"),
     ("GET", f"{SPACE}/{KINDS}", list_kv, "read", "Variables, or secret names and dates"),
     ("PUT", f"{SPACE}/{KINDS}/<key>", set_kv, "write", "Set a secret or variable"),
     ("DELETE", f"{SPACE}/{KINDS}/<key>", delete_kv, "write", "Delete a secret or variable"),

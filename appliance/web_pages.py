@@ -22,7 +22,7 @@ from flask import (
 )
 
 from . import doctor, housekeeping, space_actions, spaces, stages, users
-from .errors import ApplianceError, Forbidden, NotFound, Unauthorized
+from .errors import ApplianceError, Forbidden, InvalidInput, NotFound, Unauthorized
 from .web import (
     caller,
     check_manage,
@@ -310,6 +310,16 @@ def setting(owner: str, name: str, what: str):
                                         form.get("revision", "").strip())
     elif what == "visibility":
         space_actions.set_visibility(ctx, space_id, form.get("visibility", ""))
+    elif what == "health":
+        from . import health
+
+        interval = form.get("interval", "").strip()
+        try:
+            seconds = float(interval) if interval else None
+        except ValueError:
+            raise InvalidInput(f"Health interval must be a number of seconds, got {interval!r}"
+                               ) from None
+        health.set_health(ctx, space_id, form.get("path", "").strip() or None, seconds)
     else:
         raise NotFound(f"No setting named {what}")
     flash("Saved", "ok")

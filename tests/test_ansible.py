@@ -251,10 +251,15 @@ def test_role_installs_the_host_over_ssh_and_a_second_run_changes_nothing(fleet)
         "appliance_bin_link": str(root / "bin/appliance"),
         "appliance_portal_port": 18999,
         "appliance_apt_update_cache": False,
-        # No internet in the namespace: the host's local package indexes, as on an offline LAN.
-        "appliance_pip_extra_args": "--index-url file:///opt/pypi/simple",
         "appliance_build_base_image": False,
     }
+    # No internet in the namespace: a wheelhouse of the dependencies, as on an offline LAN.
+    wheels = fleet.base / "wheels"
+    frozen = sh("/opt/appliance/venv/bin/pip", "freeze", "--exclude", "appliance").stdout
+    (fleet.base / "requirements.txt").write_text(frozen + "setuptools>=68\nwheel\n")
+    sh(sys.executable, "-m", "pip", "download", "-q", "-d", str(wheels), "-r",
+       str(fleet.base / "requirements.txt"))
+    host_vars["appliance_pip_extra_args"] = f"--no-index --find-links {wheels}"
     inventory = fleet.inventory({"h1": host_vars})
     try:
         first = fleet.playbook("site.yml", inventory)

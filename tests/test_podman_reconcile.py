@@ -147,3 +147,40 @@ def test_containers_of_another_appliance_instance_are_left_alone(appliance_env):
     finally:
         other_runtime.remove_container("other-instance-app")
         spaces.delete(ctx, "rec/mine")
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def test_an_interrupted_build_is_retried_once_then_left_in_build_error(appliance_env):
+    ctx, sources_dir = appliance_env
+    repo = make_space_repo(sources_dir / "retry", {"README.md": README, "index.html": "ok"})
+    spaces.add_space(ctx, str(repo), name="rec/retry")  # BUILDING: its worker is to come
+    ctx.store.update_space("rec/retry", worker_pid=dead_pid())  # ...and died with the build
+    asked = []
+
+    def spawn(c, space_id, job, factory=False):
+        asked.append((space_id, job))
+
+    report = reconcile.reconcile_once(ctx, spawn=spawn)
+    assert report.retried_builds == ["rec/retry"] and asked == [("rec/retry", "deploy")]
+    row = ctx.store.get_space("rec/retry")
+    assert row["stage"] == stages.BUILDING and row["build_retried"] == 1
+    assert "build-retry" in [e["kind"] for e in ctx.store.events("rec/retry")]
+
+    ctx.store.update_space("rec/retry", worker_pid=dead_pid())  # the retry dies as well
+    report = reconcile.reconcile_once(ctx, spawn=spawn)
+    assert report.recovered == ["rec/retry"] and report.retried_builds == []
+    assert len(asked) == 1, "a second interruption is not retried in a loop"
+    view = spaces.describe(ctx, "rec/retry")
+    assert view["stage"] == stages.BUILD_ERROR
+    assert "ended while the Space was BUILDING" in view["error"]
+    assert f"appliance spaces update {view['id']}" in view["error"]
+
+    spaces.request_update(ctx, "rec/retry")  # a person tries again: a build that finishes
+    assert spaces.deploy(ctx, "rec/retry")["stage"] == stages.RUNNING
+    assert ctx.store.get_space("rec/retry")["build_retried"] == 0
+    spaces.delete(ctx, "rec/retry")
