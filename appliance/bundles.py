@@ -34,10 +34,11 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import IO, Any
 
-from . import __version__, builds, gpus, sources, spaces
+from . import builds, gpus, sources, spaces
 from .errors import ApplianceError, Conflict, InvalidInput, NotFound
 from .manifest import load_manifest
 from .runtime import LABEL_INSTANCE
@@ -47,7 +48,7 @@ VERSION = 1
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 IMAGES_PART = "images/images.tar"
-HF_CACHE_DIR = "/home/user/.cache/huggingface"  # HF_HOME in every Space image (builds.py)
+HF_CACHE_DIR = spaces.HF_HOME
 _BLOCK = 512
 _CHUNK = 1 << 20
 _PART_NAME = re.compile(r"(?:repos|images|models|wheels)/[A-Za-z0-9._@+=/-]{1,400}")
@@ -442,7 +443,7 @@ def export_bundle(ctx, space_ids: list[str], dest: Path, models: Iterable[str] =
     partial = dest.with_name(f".{dest.name}.partial-{pysecrets.token_hex(4)}")
     started = time.monotonic()
     manifest: dict[str, Any] = {
-        "format": FORMAT, "version": VERSION, "appliance_version": __version__,
+        "format": FORMAT, "version": VERSION, "appliance_version": metadata.version("appliance"),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "spaces": [], "models": [], "images": {"part": IMAGES_PART, "tags": images},
         "wheels": [],

@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from . import builds, doctor, jobs, router
+from .cli_bundle import bundle_group
 from .cli_common import actor, config_of, context_of, emit, handles_errors
 from .cli_gpus import gpus_group
 from .cli_portal import serve_cmd, tokens_group, users_group
@@ -174,6 +175,7 @@ cli.add_command(gpus_group)
 cli.add_command(serve_cmd)
 cli.add_command(users_group)
 cli.add_command(tokens_group)
+cli.add_command(bundle_group)
 
 
 def drop_privileges(config: Config) -> None:

@@ -67,6 +67,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_checkout_mb", 2048, "Largest checkout (working tree) accepted, in MiB.", int),
     Setting("git_timeout", 600, "Seconds a git fetch may take.", int),
     Setting("hf_endpoint", "https://huggingface.co", "Where hf://spaces/owner/name resolves."),
+    Setting("bundle_hub_cache", "",
+            "Hugging Face cache or mirror `bundle export` reads models from; empty: "
+            "$HF_HUB_CACHE or ~/.cache/huggingface/hub."),
+    Setting("bundle_verify_key", "",
+            "Shared key file: `bundle import` requires bundles signed with it (empty: a "
+            "signature is checked only with --verify)."),
+    Setting("bundle_require_signature", False, "Refuse unsigned bundles.", bool),
     Setting("base_image", "", "Python base image; empty means the locally built appliance-python."),
     Setting(
         "build_ca_bundle",
@@ -238,7 +245,8 @@ class Config:
 
     @property
     def local_source_roots(self) -> list[Path]:
-        return [Path(p).resolve() for p in self.local_sources.split(":") if p.strip()]
+        roots = [Path(p).resolve() for p in self.local_sources.split(":") if p.strip()]
+        return roots + [(self.data_path / "repos").resolve()]  # Spaces imported from bundles
 
     def with_values(self, **overrides: Any) -> Config:
         merged = dict(self.values)

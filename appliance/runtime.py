@@ -294,7 +294,10 @@ class Runtime:
             image=image, name=name, detach=True, environment=env,
             labels={**labels, LABEL_INSTANCE: self.config.instance_id},
             ports={f"{container_port}/tcp": ("127.0.0.1", host_port)},
-            volumes={vol: {"bind": dest, "mode": "rw", "extended_mode": ["U"]}
+            # "DEST:ro" mounts read-only (the shared model cache of an offline Space); the
+            # rest are the Space's own, handed to its user.
+            volumes={vol: {"bind": dest.removesuffix(":ro"), "mode": "ro"} if dest.endswith(":ro")
+                     else {"bind": dest, "mode": "rw", "extended_mode": ["U"]}
                      for vol, dest in volumes.items()},
             cap_drop=["ALL"], no_new_privileges=True,
             # An app as PID 1 ignores SIGTERM (gradio does), making every stop wait out the

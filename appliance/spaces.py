@@ -33,6 +33,7 @@ from .runtime import LABEL_REVISION, LABEL_ROLE, LABEL_SPACE, PortInUse, Runtime
 from .store import Store, open_store
 
 HF_CACHE_VOLUME = "appliance-hf-cache"
+HF_HOME = "/home/user/.cache/huggingface"  # set in every image by builds.py
 _KEY = "[A-Za-z_][A-Za-z0-9_]{0,127}"
 SERVING = {stages.RUNNING, stages.RUNNING_BUILDING, stages.RUNNING_APP_STARTING}
 
@@ -305,14 +306,19 @@ def start_revision(ctx: Context, space_id: str, sha: str, image: str,
     backend = None
     try:
         claim = gpus.claim(ctx, space_id, row["hardware"])
+        env = {**_container_env(ctx, row, manifest), **claim.env}
+        volumes = {data_volume(space_id): "/data"}
+        if env.get("HF_HUB_OFFLINE") == "1":
+            # An offline Space (one from a bundle) finds its models in the shared cache,
+            # which it reads and never writes.
+            volumes[HF_CACHE_VOLUME] = f"{HF_HOME}:ro"
         for _ in range(3):
             backend = allocate_port(ctx, exclude={row["port"]})
             try:
                 ctx.runtime.run(
-                    name, image, backend, container_port,
-                    {**_container_env(ctx, row, manifest), **claim.env},
+                    name, image, backend, container_port, env,
                     {LABEL_SPACE: space_id, LABEL_REVISION: sha, LABEL_ROLE: "app"},
-                    {data_volume(space_id): "/data"}, enforce, devices=claim.devices,
+                    volumes, enforce, devices=claim.devices,
                     memory_limit_mib=claim.memory_limit_mib)
                 break
             except PortInUse:

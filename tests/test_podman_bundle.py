@@ -15,7 +15,6 @@ import uuid
 import zipfile
 from pathlib import Path
 
-import podman.domain.containers_manager
 import pytest
 import requests
 from conftest import as_service, labelled, make_space_repo, wait_for
@@ -112,25 +111,7 @@ def volume_model_dir() -> Path | None:
 
 
 @pytest.fixture(scope="module")
-def offline_mounts():
-    """Mount the shared HF cache read-only into Spaces that run offline: what the proposed
-    spaces.start_revision change does (see the bundles report); applied at the Podman seam."""
-    original = podman.domain.containers_manager.ContainersManager.create
-
-    def create(self, image, command=None, **kwargs):
-        if (kwargs.get("environment") or {}).get("HF_HUB_OFFLINE") == "1":
-            kwargs["volumes"] = {**kwargs.get("volumes", {}), spaces.HF_CACHE_VOLUME: {
-                "bind": bundles.HF_CACHE_DIR, "mode": "ro"}}
-        return original(self, image, command, **kwargs)
-
-    patch = pytest.MonkeyPatch()
-    patch.setattr(podman.domain.containers_manager.ContainersManager, "create", create)
-    yield
-    patch.undo()
-
-
-@pytest.fixture(scope="module")
-def world(appliance_env, model_cache, tmp_path_factory, offline_mounts):
+def world(appliance_env, model_cache, tmp_path_factory):
     """The connected appliance (A) with the Space, and a fresh offline appliance (B)."""
     ctx_a, sources_dir = appliance_env
     repo = make_space_repo(sources_dir / "minilm", {
