@@ -24,7 +24,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import make_space_repo, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,8 +102,8 @@ class Fleet:
             stdout=subprocess.DEVNULL, stderr=open(self.base / f"sshd_{name}.log", "w")))
 
         def answers() -> bool:
-            probe = subprocess.run(["ip", "netns", "exec", ns, "python3", "-c",
-                                    f"import socket; socket.create_connection(('{ns_side}', 22), 1)"],
+            connect = f"import socket; socket.create_connection(('{ns_side}', 22), 1)"
+            probe = subprocess.run(["ip", "netns", "exec", ns, "python3", "-c", connect],
                                    capture_output=True)
             return probe.returncode == 0
         wait_for(answers, 15, f"sshd in {ns}")
@@ -188,7 +187,7 @@ class Fleet:
             try:
                 for space in self.api(name, "/api/v1/spaces"):
                     subprocess.run([sys.executable, "-m", "appliance.cli", "spaces", "delete",
-                                    space["id"]], env=portal["env"], capture_output=True,
+                                    "--yes", space["id"]], env=portal["env"], capture_output=True,
                                    timeout=60)
             except Exception:  # noqa: BLE001 - best-effort cleanup
                 pass
@@ -260,6 +259,13 @@ def test_role_installs_the_host_over_ssh_and_a_second_run_changes_nothing(fleet)
     sh(sys.executable, "-m", "pip", "download", "-q", "-d", str(wheels), "-r",
        str(fleet.base / "requirements.txt"))
     host_vars["appliance_pip_extra_args"] = f"--no-index --find-links {wheels}"
+    # A snapshot of the source: others may edit the checkout between the two runs.
+    snapshot = fleet.base / "src"
+    snapshot.mkdir()
+    for part in ("pyproject.toml", "README.md", "appliance", "images", "systemd"):
+        copy = shutil.copytree if (REPO / part).is_dir() else shutil.copy2
+        copy(REPO / part, snapshot / part)
+    host_vars["appliance_source_dir"] = str(snapshot)
     inventory = fleet.inventory({"h1": host_vars})
     try:
         first = fleet.playbook("site.yml", inventory)
@@ -330,7 +336,7 @@ def test_rolling_update_stops_at_the_batch_that_fails(fleet):
     broken = make_space_repo(fleet.sources / "broken", BROKEN_SPACE)
     for name in ("h2", "h3"):
         for space in fleet.api(name, "/api/v1/spaces"):
-            fleet.appliance(fleet.portals[name]["env"], "spaces", "delete", space["id"])
+            fleet.appliance(fleet.portals[name]["env"], "spaces", "delete", space["id"], "--yes")
     declared = {"id": "fleet/rolling", "source": str(good)}
     inventory = fleet.inventory({
         "h1": {"appliance_spaces": [declared]},
