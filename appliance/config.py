@@ -115,6 +115,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds between runs of a Streamlit Space's script by the health check (it runs "
             "the script as a visitor would, to catch errors its HTTP answers hide); 0: never.",
             float),
+    Setting("health_initial_delay", 10.0,
+            "Seconds a newly serving container is left alone before its health probes count.",
+            float),
     Setting("health_timeout", 5.0, "Seconds a health probe may take.", float),
     Setting("health_attempts", 3, "Failed probes in a row before a Space is restarted.", int),
     Setting("restart_backoff", 5.0, "First wait before an automatic restart; doubles each time.",

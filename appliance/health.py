@@ -58,6 +58,19 @@ _last_probe: dict[str, float] = {}
 MIN_HEALTH_INTERVAL = 5.0
 
 
+# When the scheduler first saw each serving container: probes wait out the initial delay.
+_first_seen: dict[str, float] = {}
+
+
+def settled_in(row: dict[str, Any], now: float, delay: float) -> bool:
+    """Tell whether the Space's container has served for the initial delay already."""
+    first = _first_seen.setdefault(row["container"], now)
+    if len(_first_seen) > 4096:  # containers come and go: forget the long-gone ones
+        _first_seen.clear()
+        _first_seen[row["container"]] = first
+    return now - first >= delay
+
+
 def due(row: dict[str, Any], now: float) -> bool:
     """Tell whether a Space's own health interval (if it has one) has passed."""
     interval = row.get("health_interval")
@@ -147,7 +160,8 @@ def health_sweep_once(ctx: spaces.Context, now: float | None = None,
     report = HealthReport()
     rows = [row for row in ctx.store.list_spaces()
             if row["stage"] == stages.RUNNING and row["backend_port"] and row["container"]
-            and not spaces.worker_alive(row) and due(row, now)]
+            and not spaces.worker_alive(row)
+            and settled_in(row, now, ctx.config.health_initial_delay) and due(row, now)]
     if not rows:
         return report
     timeout = ctx.config.health_timeout

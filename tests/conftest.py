@@ -90,6 +90,7 @@ def appliance_env(tmp_path_factory, podman_ready):
     config = load_config(
         {}, data_dir=str(root / "data"), local_sources=str(sources_dir),
         port_range=f"{low}-{low + 39}", startup_timeout_cap=180, drain_seconds=3,
+        health_initial_delay=0,  # tests sweep right after a deploy; the delay has its own test
     )
     ctx = spaces.open_context(config, actor="test")
     yield ctx, sources_dir

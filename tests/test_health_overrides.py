@@ -89,3 +89,11 @@ def test_the_command_sets_and_resets(ctx, monkeypatch):
     assert json.loads(result.output)["health_interval"] == 20
     result = runner.invoke(cli, ["spaces", "health", "lab/h", "--reset", "--json"], obj={})
     assert json.loads(result.output)["health_path"] is None
+
+
+def test_a_new_container_is_left_alone_for_the_initial_delay(ctx):
+    row = {**ctx.store.get_space("lab/h"), "container": "c-new"}
+    assert not health.settled_in(row, now=100.0, delay=10)
+    assert not health.settled_in(row, now=109.0, delay=10)
+    assert health.settled_in(row, now=110.0, delay=10)
+    assert not health.settled_in({**row, "container": "c-next"}, now=111.0, delay=10)
