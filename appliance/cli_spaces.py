@@ -191,15 +191,17 @@ def spaces_restart(obj, space_id, factory, wait, as_json):
 
 @spaces_group.command("rollback")
 @click.argument("space_id")
+@click.option("--to", "revision", help="A kept revision (7+ hex digits of its sha); default: "
+              "the previous one.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 @handles_errors
-def spaces_rollback(obj, space_id, as_json):
-    """Serve the previous revision again from its kept image.
+def spaces_rollback(obj, space_id, revision, as_json):
+    """Serve an earlier revision again from its kept image (images_keep are kept).
 
-    Example: appliance spaces rollback owner/name
+    Example: appliance spaces rollback owner/name --to 1a2b3c4
     """
-    _report(spaces.rollback(context_of(obj), space_id), as_json)
+    _report(spaces.rollback(context_of(obj), space_id, revision), as_json)
 
 
 @spaces_group.command("stop")

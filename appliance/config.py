@@ -127,6 +127,9 @@ SETTINGS: tuple[Setting, ...] = (
             float),
     Setting("backup_interval", 86400.0, "Seconds between online backups of the database.", float),
     Setting("backup_keep", 7, "Database backups kept in `<data_dir>/backups` (the newest).", int),
+    Setting("images_keep", 3,
+            "Images kept per Space for rollback: the serving one, the previous one, and the "
+            "newest others up to this many.", int),
     Setting("build_logs_keep", 10, "Build logs kept per Space (the latest build's always).", int),
     Setting("run_log_max_mb", 10, "Size in MiB past which a `<data_dir>/run/*.log` is cut.", int),
     Setting("housekeeping_interval", 3600.0,

@@ -298,7 +298,7 @@ def _prune_checkouts(ctx: spaces.Context, space_id: str, folder: Path,
     row = _fresh_row(ctx, space_id, report.errors)
     if row is None:
         return  # deleted meanwhile: the next pass removes the folder as an orphan's
-    keep = {row["revision"], row["previous_revision"]}
+    keep = {row["revision"], row["previous_revision"], *spaces.kept_images(ctx, row).values()}
     busy = row["stage"] in stages.BUSY
     for entry in entries:
         try:
@@ -315,7 +315,7 @@ def _prune_checkouts(ctx: spaces.Context, space_id: str, folder: Path,
 
 def _prune_images(ctx: spaces.Context, row: dict[str, Any],
                   images: dict[str, tuple[str, list[str]]], report: PruneReport) -> None:
-    keep = {row["image"], row["previous_image"]} - {None, ""}
+    keep = set(spaces.kept_images(ctx, row))
     # Untagged only: a tag names a revision some Space may switch or roll back to.
     dangling = [image_id for image_id, (owner, tags) in images.items()
                 if owner == row["id"] and not tags and image_id not in keep]

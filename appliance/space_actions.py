@@ -46,7 +46,7 @@ def perform(ctx: spaces.Context, space_id: str, action: str,
             view = spaces.describe(ctx, space_id)
         return view
     if action == "rollback":
-        return spaces.rollback(ctx, space_id)
+        return spaces.rollback(ctx, space_id, revision or None)
     raise InvalidInput(f"Unknown action {action!r}", hint=f"actions are {', '.join(ACTIONS)}")
 
 

@@ -401,9 +401,23 @@ def _log_tail(ctx: Context, name: str) -> str:
         time.sleep(0.2)
 
 
+def kept_images(ctx: Context, row: dict[str, Any]) -> dict[str, str]:
+    """The images kept for rollback, image -> revision: the serving and previous ones, and
+    the newest other builds up to images_keep in all."""
+    kept = {image: revision for image, revision in (
+        (row["image"], row["revision"]), (row["previous_image"], row["previous_revision"]))
+        if image}
+    limit = max(ctx.config.images_keep, 2)  # the serving and previous ones always stay
+    for built in ctx.store.built_revisions(row["id"], limit + 2):
+        if len(kept) >= limit:
+            break
+        kept.setdefault(built["image"], built["revision"])
+    return kept
+
+
 def _prune_images(ctx: Context, space_id: str) -> None:
     row = ctx.store.get_space(space_id)
-    keep = {row["image"], row["previous_image"]}
+    keep = set(kept_images(ctx, row))
     for image_id, tags in ctx.runtime.images_of(space_id).items():
         if not keep.intersection(tags):
             ctx.runtime.remove_image(image_id)
@@ -512,19 +526,33 @@ def _forget_automatic_restarts(ctx: Context, row: dict[str, Any]) -> None:
         ctx.store.update_space(row["id"], restarts="[]", health_failures=0)
 
 
-def rollback(ctx: Context, space_id: str) -> dict[str, Any]:
-    """Serve the previous revision's kept image again (no rebuild)."""
+def rollback(ctx: Context, space_id: str, revision: str | None = None) -> dict[str, Any]:
+    """Serve an earlier revision's kept image again (no rebuild): the previous one, or the
+    kept revision whose sha starts with `revision`."""
     row = recover_abandoned(ctx, space_id)
     if row["stage"] in stages.BUSY:
         raise Conflict(f"Space {space_id} is busy ({row['stage']})")
-    if not row["previous_image"] or not ctx.runtime.image_exists(row["previous_image"]):
-        raise NotFound(f"Space {space_id} has no earlier revision to roll back to",
-                       hint="a rollback needs an update that succeeded before")
-    checkout = space_paths(ctx, space_id)[0] / row["previous_revision"]
+    kept = {image: sha for image, sha in kept_images(ctx, row).items()
+            if image != row["image"] and ctx.runtime.image_exists(image)}
+    if revision is None:
+        target = row["previous_image"] if row["previous_image"] in kept else None
+        if target is None:
+            raise NotFound(f"Space {space_id} has no earlier revision to roll back to",
+                           hint="a rollback needs an update that succeeded before")
+    else:
+        if len(revision) < 7 or not re.fullmatch(r"[0-9a-f]+", revision):
+            raise InvalidInput(f"Give at least 7 hex digits of a commit sha, got {revision!r}")
+        found = [image for image, sha in kept.items() if sha and sha.startswith(revision)]
+        if len(found) != 1:
+            shown = ", ".join(sha[:12] for sha in kept.values() if sha) or "none"
+            raise NotFound(f"Space {space_id} keeps no single image of revision {revision}",
+                           hint=f"revisions kept for rollback: {shown}")
+        target = found[0]
+    sha = kept[target]
+    checkout = space_paths(ctx, space_id)[0] / sha
     manifest = load_manifest(checkout) if checkout.is_dir() else _manifest(row)
-    ctx.store.add_event(space_id, "rollback", ctx.actor, {"to": row["previous_revision"]})
-    return start_revision(ctx, space_id, row["previous_revision"], row["previous_image"],
-                          manifest)
+    ctx.store.add_event(space_id, "rollback", ctx.actor, {"to": sha})
+    return start_revision(ctx, space_id, sha, target, manifest)
 
 
 def _manifest(row: dict[str, Any]) -> Manifest:

@@ -389,6 +389,14 @@ class Store:
                 self.db.execute("update spaces set build_retried = 0 where id = (select "
                                 "space_id from builds where id = ?)", [build_id])
 
+    def built_revisions(self, space_id: str, limit: int) -> list[dict[str, str]]:
+        """The newest `limit` distinct images the Space's builds made, with their revisions."""
+        rows = self.db.query(
+            "select revision, image, max(id) as last from builds where space_id = ? and "
+            "status = 'succeeded' and image is not null group by image order by last desc "
+            "limit ?", [space_id, limit])
+        return [{"revision": r["revision"], "image": r["image"]} for r in rows]
+
     def latest_build(self, space_id: str) -> dict[str, Any] | None:
         rows = list(self.db.query(
             "select * from builds where space_id = ? order by id desc limit 1", [space_id]))
