@@ -90,66 +90,13 @@ class Router:
         self.pipes = Pipes()
         self.tasks: set[asyncio.Task] = set()
 
-    async def _relay(self, source: socket.socket, sink: socket.socket) -> None:
-        """Move bytes from source to sink until source ends; then end sink's side too."""
-        loop = asyncio.get_running_loop()
-        src, dst = source.fileno(), sink.fileno()
-        pipe = None
-        held = 0  # bytes in the pipe, not yet passed on
-        try:
-            while True:
-                if pipe is None:
-                    await _ready(loop.add_reader, loop.remove_reader, src)
-                    pipe = self.pipes.take()
-                    woken = True
-                try:
-                    held = os.splice(src, pipe[1], pipe[2], flags=SPLICE)
-                except BlockingIOError:
-                    self.pipes.give(pipe)
-                    pipe = None
-                    if woken:
-                        # Readable, yet nothing to splice: TCP urgent data stops splice at its
-                        # mark (and the socket stays readable), so recv() steps past it.
-                        if not await self._recv_send(loop, source, sink):
-                            break
-                    continue
-                woken = False
-                if not held:
-                    break
-                while held:
-                    try:
-                        held -= os.splice(pipe[0], dst, held, flags=SPLICE)
-                    except BlockingIOError:
-                        await _ready(loop.add_writer, loop.remove_writer, dst)
-        except OSError:  # a reset, or the other side vanished
-            pass
-        finally:
-            if pipe is not None:
-                if held:
-                    self.pipes.discard(pipe)
-                else:
-                    self.pipes.give(pipe)
-            with contextlib.suppress(OSError):
-                sink.shutdown(socket.SHUT_WR)
-
-    @staticmethod
-    async def _recv_send(loop: asyncio.AbstractEventLoop, source: socket.socket,
-                         sink: socket.socket) -> bool:
-        """Pass on what one recv() returns; False at the end of source's stream."""
-        try:
-            data = source.recv(RECV_BYTES)
-        except BlockingIOError:
-            return True
-        if data:
-            await loop.sock_sendall(sink, data)
-        return bool(data)
-
     async def _handle(self, port: int, client: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         backend = self.routes.get(port)
         self.last_seen[port] = datetime.now(UTC).isoformat(timespec="milliseconds")
         self.open[port] = self.open.get(port, 0) + 1
         upstream = None
+        relays: tuple[Relay, ...] = ()
         if backend:
             self.connections[backend] = self.connections.get(backend, 0) + 1
             self._dirty = True
@@ -171,10 +118,14 @@ class Router:
                 await _linger(loop, client)
                 return
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            await asyncio.gather(self._relay(client, upstream), self._relay(upstream, client))
+            relays = (Relay(loop, self.pipes, client, upstream),
+                      Relay(loop, self.pipes, upstream, client))
+            await asyncio.gather(*(relay.done for relay in relays))
         except OSError:
             pass
         finally:
+            for relay in relays:
+                relay.stop()
             self.open[port] -= 1
             if backend:
                 self.connections[backend] -= 1
@@ -278,6 +229,96 @@ class Listener:
             sock.close()
 
 
+class Relay:
+    """One direction of a connection: bytes from source to sink through a borrowed pipe.
+
+    Driven by the event loop's callbacks rather than a coroutine: while the sink keeps up,
+    source stays registered for reading, so a request or a response costs one wake-up and
+    two splice calls, with no registration changes.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, pipes: Pipes, source: socket.socket,
+                 sink: socket.socket):
+        self.loop = loop
+        self.pipes = pipes
+        self.source, self.sink = source, sink
+        self.src, self.dst = source.fileno(), sink.fileno()
+        self.pipe: tuple[int, int, int] | None = None
+        self.held = 0  # bytes in the pipe, not yet passed on
+        self.blocked = False  # waiting for the sink to take more, not for the source
+        self.stopped = False
+        self.done = loop.create_future()
+        loop.add_reader(self.src, self._readable)
+
+    def _readable(self) -> None:
+        try:
+            if self.pipe is None:
+                self.pipe = self.pipes.take()
+            _read, write, size = self.pipe
+            try:
+                moved = os.splice(self.src, write, size, flags=SPLICE)
+            except BlockingIOError:
+                # Readable, yet nothing to splice: TCP urgent data stops splice at its mark
+                # and leaves the socket readable; recv() steps past it.
+                data = self.source.recv(size)
+                moved = os.write(write, data) if data else 0
+            if not moved:
+                self.stop()
+                return
+            self.held = moved
+            self._flush()
+        except BlockingIOError:  # woken for nothing
+            self.pipes.give(self.pipe)
+            self.pipe = None
+        except OSError:  # a reset, or the other side vanished
+            self.stop()
+
+    def _writable(self) -> None:
+        try:
+            self._flush()
+        except OSError:
+            self.stop()
+
+    def _flush(self) -> None:
+        read = self.pipe[0]
+        while self.held:
+            try:
+                self.held -= os.splice(read, self.dst, self.held, flags=SPLICE)
+            except BlockingIOError:
+                if not self.blocked:
+                    self.blocked = True
+                    self.loop.remove_reader(self.src)
+                    self.loop.add_writer(self.dst, self._writable)
+                return
+        self.pipes.give(self.pipe)
+        self.pipe = None
+        if self.blocked:
+            self.blocked = False
+            self.loop.remove_writer(self.dst)
+            self.loop.add_reader(self.src, self._readable)
+
+    def stop(self) -> None:
+        """End this direction (at the source's end, on an error, or when the connection
+        closes): unregister, return the pipe and end the sink's side too."""
+        if self.stopped:
+            return
+        self.stopped = True
+        if self.blocked:
+            self.loop.remove_writer(self.dst)
+        else:
+            self.loop.remove_reader(self.src)
+        if self.pipe is not None:
+            if self.held:
+                self.pipes.discard(self.pipe)
+            else:
+                self.pipes.give(self.pipe)
+            self.pipe = None
+        with contextlib.suppress(OSError):
+            self.sink.shutdown(socket.SHUT_WR)
+        if not self.done.done():  # a cancelled wait (the router stopping) leaves it done
+            self.done.set_result(None)
+
+
 class Pipes:
     """Kernel pipes for splice(2), lent to a connection while bytes move through it."""
 
@@ -336,21 +377,6 @@ def _listen(host: str, port: int) -> list[socket.socket]:
             sock.close()
         raise
     return sockets
-
-
-async def _ready(add, remove, fd: int) -> None:
-    """Wait until fd is readable (add_reader) or writable (add_writer)."""
-    waiter = asyncio.get_running_loop().create_future()
-    add(fd, _wake, waiter)
-    try:
-        await waiter
-    finally:
-        remove(fd)
-
-
-def _wake(waiter: asyncio.Future) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
 
 
 async def _linger(loop: asyncio.AbstractEventLoop, client: socket.socket) -> None:

@@ -245,8 +245,14 @@ class Store:
             ) from None
 
     def find_space(self, space_id: str) -> dict[str, Any] | None:
-        rows = list(self.db.query("select * from spaces where id = ?", [space_id]))
-        return rows[0] if rows else None
+        # One statement (sqlite-utils' query() wraps each in a savepoint): the proxy asks often.
+        cursor = self.db.execute("select * from spaces where id = ?", [space_id])
+        row = cursor.fetchone()
+        return dict(zip([c[0] for c in cursor.description], row, strict=True)) if row else None
+
+    def data_version(self) -> int:
+        """SQLite's data_version: it changes when another connection commits a write."""
+        return self.db.execute("PRAGMA data_version").fetchone()[0]
 
     def list_spaces(self) -> list[dict[str, Any]]:
         return list(self.db.query("select * from spaces order by id"))

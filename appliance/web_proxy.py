@@ -81,6 +81,17 @@ POOL_MAX_AGE_SECONDS = 30.0
 POOL_MAX_IDLE = 32  # idle connections kept per Space port and process
 HALF_CLOSE_SECONDS = 30.0  # a tunnel whose one side closed waits this long for the other
 MAX_HEAD = 64 * 1024
+CACHED_ROWS = 512  # Space rows (and slugs) a thread keeps between requests
+# Each system call a request makes lets the worker's other threads take the GIL, and with
+# dozens of threads every hand-off costs more CPU than the call itself; so, per request:
+# - whether the database changed (a Space's port, visibility, manifest) is asked at most this
+#   often per thread: a change reaches the proxy within this much time;
+ROW_CHECK_SECONDS = 0.2
+# - a pooled connection used this recently is not checked for a close before its reuse: one
+#   the app closed just now fails at once, and the request is sent again on a new one.
+QUIET_SECONDS = 0.1
+_UNSEEN = object()
+_PEEK = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _VALUE = re.compile(r"[ \t\x21-\x7e\x80-\xff]*")
 _COOKIE_PATH = re.compile(r"(;\s*path\s*=\s*)([^;]*)", re.IGNORECASE)
@@ -144,7 +155,7 @@ class Upstream:
         if self.buf:
             return False
         try:
-            self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            self.sock.recv(1, _PEEK)
         except BlockingIOError:
             return True
         except OSError:
@@ -241,12 +252,15 @@ class Upstream:
             length -= len(data)
         read, write = os.pipe2(os.O_CLOEXEC)
         try:
-            with contextlib.suppress(OSError):  # over the user's pipe budget: default size
-                fcntl.fcntl(write, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+            try:
+                size = fcntl.fcntl(write, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+            except OSError:  # over the user's pipe budget: the default size still works
+                size = fcntl.fcntl(write, fcntl.F_GETPIPE_SZ)
             source, sink = self.sock.fileno(), client.fileno()
             while length > 0:
-                # Returns as soon as some bytes came (it waits only for the first).
-                moved = os.splice(source, write, min(length, PIPE_BYTES))
+                # Returns as soon as some bytes came (it waits only for the first). Urgent
+                # data would stop it for good, but the router never sends any.
+                moved = os.splice(source, write, min(length, size))
                 if not moved:
                     raise UpstreamClosed("the app closed the connection mid-answer",
                                          fresh=False)
@@ -308,7 +322,7 @@ class UpstreamPool:
             ) -> tuple[Upstream, bool]:
         """Return (connection, reused); a new one raises OSError when the port refuses."""
         stale: list[Upstream] = []
-        found = None
+        found, found_since, now = None, 0.0, 0.0
         if not fresh:
             now = time.monotonic()
             with self.lock:
@@ -319,12 +333,13 @@ class UpstreamPool:
                     while entry[1] and found is None:
                         since, conn = entry[1].pop()
                         if now - since < self.idle_seconds:
-                            found = conn
+                            found, found_since = conn, since
                         else:
                             stale.append(conn)
         for conn in stale:
             conn.close()
-        if found is not None and found.alive():
+        if found is not None and (now - found_since < QUIET_SECONDS and not found.buf
+                                  or found.alive()):
             return found, True
         if found is not None:
             found.close()
@@ -403,6 +418,7 @@ class SpaceProxy:
         self.local = threading.local()
         self.pool = UpstreamPool()
         self.plans: dict[str, tuple[frozenset[str], list[tuple[str, str]]]] = {}
+        self.slugs: dict[str, str | None] = {}
         self.portal_port = self.config.portal_port
         self.apps_port = self.config.portal_apps_port
         # Who may frame a Space: its own origin, and the portal's pages on their port.
@@ -435,7 +451,12 @@ class SpaceProxy:
     def proxy(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
         path = environ["PATH_INFO"]
         slug, slash, _rest = path[len(PREFIX):].partition("/")
-        space_id = space_id_of(slug)
+        space_id = self.slugs.get(slug, _UNSEEN)
+        if space_id is _UNSEEN:
+            space_id = space_id_of(slug)
+            if len(self.slugs) >= CACHED_ROWS:
+                self.slugs.clear()
+            self.slugs[slug] = space_id
         if space_id is None:
             return self.page(environ, start_response, 404, "Not found", None)
         mount = environ.get("SCRIPT_NAME", "") + PREFIX + slug
@@ -445,7 +466,7 @@ class SpaceProxy:
                 ("Location", quote(mount) + "/" + (f"?{query}" if query else "")),
                 ("Content-Length", "0")])
             return [b""]
-        row = self.store().find_space(space_id)
+        row = self.space_row(space_id)
         if row is None or row["stage"] == "DELETING":
             return self.page(environ, start_response, 404, f"No Space named {space_id}",
                              "see the list of Spaces on the portal's home page")
@@ -462,7 +483,28 @@ class SpaceProxy:
         store = getattr(self.local, "store", None)
         if store is None:
             store = self.local.store = Store(self.db_path)
+            self.local.rows = {}
+            self.local.version = None
+            self.local.checked = 0.0
         return store
+
+    def space_row(self, space_id: str) -> dict[str, Any] | None:
+        """The Space's row, kept per thread until someone writes to the database (looked for
+        at most every ROW_CHECK_SECONDS)."""
+        store = self.store()
+        local = self.local
+        rows = local.rows
+        now = time.monotonic()
+        if now - local.checked >= ROW_CHECK_SECONDS:
+            local.checked = now
+            version = store.data_version()
+            if version != local.version or len(rows) >= CACHED_ROWS:
+                rows.clear()
+                local.version = version
+        row = rows.get(space_id, _UNSEEN)
+        if row is _UNSEEN:
+            row = rows[space_id] = store.find_space(space_id)
+        return row
 
     # -- who may see it -----------------------------------------------------------------
 
@@ -528,15 +570,16 @@ class SpaceProxy:
 
     def request_headers(self, environ: dict[str, Any], mount: str) -> list[tuple[str, str]]:
         """The visitor's end-to-end headers minus portal credentials, plus X-Forwarded-*."""
-        named = {t.strip().lower() for t in environ.get("HTTP_CONNECTION", "").split(",")}
+        connection = environ.get("HTTP_CONNECTION")
+        named = {t.strip().lower() for t in connection.split(",")} if connection else ()
         headers = []
         for key, value in environ.items():
-            if not key.startswith("HTTP_"):
+            name = _NAMES.get(key, _UNSEEN)
+            if name is _UNSEEN:
+                name = _forwarded_name(key)
+            if name is None or named and name.lower() in named:
                 continue
-            name = key[5:].replace("_", "-").lower()
-            if name in HOP_BY_HOP or name in REQUEST_OWN or name in named:
-                continue
-            headers.append((name.title(), value))
+            headers.append((name, value))
         host = environ.get("HTTP_HOST") or (
             f"{environ.get('SERVER_NAME', 'localhost')}:{environ.get('SERVER_PORT', '80')}")
         headers.append(("Host", host))
@@ -667,7 +710,6 @@ class SpaceProxy:
                 return self.unreachable(environ, start_response, row, exc)
         status_line = f"{status} {reason or _reason(status)}"
         out = self.response_headers(environ, row, mount, upstream)
-        chunks = conn.body(method, status, upstream)
         kind = ""
         for name, value in upstream:
             if name.lower() == "content-type":
@@ -675,20 +717,32 @@ class SpaceProxy:
         if method != "HEAD" and kind in ("text/html", "text/css"):
             hook = _offline_rewrite()
             if hook is not None:
-                rewritten = _rewrite_body(hook, row, kind, upstream, chunks, out)
+                rewritten = _rewrite_body(hook, row, kind, upstream,
+                                          conn.body(method, status, upstream), out)
                 if rewritten is not None:
                     self._finish(host, port, backend, conn)
                     start_response(status_line, rewritten[0])
                     return [rewritten[1]]
+        try:
+            framing, length, keep = conn.framing(method, status, upstream)
+        except ValueError:  # a bad Content-Length: _relay cuts the answer off
+            framing, length, keep = "bad", 0, False
+        if framing == "none" or framing == "length" and len(conn.buf) >= length:
+            # All of it came with the head (most answers): the connection goes back to the
+            # pool at once, and gunicorn gets a list, not a generator.
+            body, conn.buf = conn.buf[:length], conn.buf[length:]
+            conn.reusable = keep
+            self._finish(host, port, backend, conn)
+            start_response(status_line, out)
+            return [body] if body else []
         start_response(status_line, out)
         client = environ.get("gunicorn.socket")
-        if client is not None and method != "HEAD":
-            with contextlib.suppress(ValueError):  # a bad length: _relay cuts it off
-                kind, length, keep = conn.framing(method, status, upstream)
-                if kind == "length" and length - len(conn.buf) >= SPLICE_BODY \
-                        and _can_splice(environ, client, conn.sock):
-                    return self._splice(host, port, backend, conn, client, length, keep)
-        return self._relay(host, port, backend, conn, chunks, client)
+        if framing == "length" and client is not None and method != "HEAD" \
+                and length - len(conn.buf) >= SPLICE_BODY \
+                and _can_splice(environ, client, conn.sock):
+            return self._splice(host, port, backend, conn, client, length, keep)
+        return self._relay(host, port, backend, conn, conn.body(method, status, upstream),
+                           client)
 
     def _relay(self, host: str, port: int, backend: Any, conn: Upstream,
                chunks: Iterator[bytes], client: socket.socket | None) -> Iterator[bytes]:
@@ -883,6 +937,7 @@ def _can_splice(environ: dict[str, Any], client: Any, upstream: socket.socket) -
             and environ.get("SERVER_PROTOCOL", "").startswith("HTTP/1."))
 
 
+
 def _reason(status: int) -> str:
     try:
         return HTTPStatus(status).phrase
@@ -893,6 +948,22 @@ def _reason(status: int) -> str:
 def _is_websocket(environ: dict[str, Any]) -> bool:
     return environ.get("HTTP_UPGRADE", "").lower() == "websocket" and "upgrade" in {
         t.strip().lower() for t in environ.get("HTTP_CONNECTION", "").split(",")}
+
+
+_NAMES: dict[str, str | None] = {}
+
+
+def _forwarded_name(key: str) -> str | None:
+    """The header an environ key carries ("HTTP_X_APP" → "X-App"), if the app may see it as
+    the visitor sent it; None for anything else. Remembered: the same few keys come each time."""
+    name = None
+    if key.startswith("HTTP_"):
+        lower = key[5:].replace("_", "-").lower()
+        if lower not in HOP_BY_HOP and lower not in REQUEST_OWN:
+            name = lower.title()
+    if len(_NAMES) < 4096:
+        _NAMES[key] = name
+    return name
 
 
 def _split_cookie(header: str, name: str) -> tuple[str | None, str]:

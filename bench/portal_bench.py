@@ -361,7 +361,9 @@ def run_round(ports: dict[str, tuple[int, str]], args: argparse.Namespace,
     timed_gets(floor_port, "/", 50)
     floor = timed_gets(floor_port, "/", args.requests)
     result["floor"] = {"small_p50_ms": percentile(floor, 50),
-                       "small_p99_ms": percentile(floor, 99)}
+                       "small_p99_ms": percentile(floor, 99),
+                       "small_rps_concurrent": throughput(floor_port, "/", args.seconds,
+                                                          args.clients)}
     for name in order:
         port, prefix = ports[name]
         small = timed_gets(port, prefix + "/small", args.requests)
@@ -394,7 +396,14 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
             "sse_delay_p50_ms": p["sse_delay_p50_ms"] - b["sse_delay_p50_ms"],
             "ws_rtt_p50_ms": p["ws_rtt_p50_ms"] - b["ws_rtt_p50_ms"],
         }
-    return {"medians": medians, "added": added}
+    direct = medians["direct"]
+    versus_direct = {"large_throughput_ratio": medians["portal"]["large_mib_s"]
+                     / direct["large_mib_s"],
+                     "small_rps_ratio": medians["portal"]["small_rps_concurrent"]
+                     / direct["small_rps_concurrent"],
+                     "floor_small_rps_ratio": medians["floor"]["small_rps_concurrent"]
+                     / direct["small_rps_concurrent"]}
+    return {"medians": medians, "added": added, "versus_direct": versus_direct}
 
 
 def machine_info() -> dict[str, Any]:
@@ -474,6 +483,13 @@ def markdown(result: dict[str, Any]) -> str:
         f"(+{a['production']['small_p50_ms']:.2f} ms through the router, "
         f"+{a['proxy_alone']['small_p50_ms']:.2f} ms proxy alone).",
     ]
+    v = result["summary"]["versus_direct"]
+    lines.append(
+        f"Through the portal (→ router) ÷ straight to the app: 1 MiB throughput "
+        f"{v['large_throughput_ratio']:.2f}×, small GETs/s with {s['clients']} clients "
+        f"{v['small_rps_ratio']:.2f}× (target ≥ {TARGETS['throughput_ratio']}×). For the "
+        f"ceiling: gunicorn serving a trivial app manages {v['floor_small_rps_ratio']:.2f}× "
+        f"the direct small GETs/s on this machine.")
     home = result.get("home_page")
     if home:
         lines.append(f"Home page with {home['spaces']} Spaces ({home['bytes']:,} bytes, "

@@ -8,11 +8,13 @@ row's port points straight at one of its listeners, as the router's port would.
 from __future__ import annotations
 
 import base64
+import contextlib
 import gzip
 import hashlib
 import http.client
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -38,6 +40,22 @@ MiB = 1 << 20
 
 
 # -- the Space app ----------------------------------------------------------------------------
+
+
+BLOCKS = [random.Random(n).randbytes(MiB) for n in range(8)]
+
+
+def pattern(size: int):
+    """size bytes that differ from one MiB to the next (a lost or repeated piece shows)."""
+    for number, start in enumerate(range(0, size, MiB)):
+        yield BLOCKS[number % len(BLOCKS)][:size - start]
+
+
+def pattern_digest(size: int) -> str:
+    digest = hashlib.sha256()
+    for piece in pattern(size):
+        digest.update(piece)
+    return digest.hexdigest()
 
 
 def read_chunked(rfile) -> bytes:
@@ -163,6 +181,26 @@ class SpaceApp(BaseHTTPRequestHandler):
             return
         if route.path == "/big":
             return self.reply(200, b"x" * int(query["size"]), kind="application/octet-stream")
+        if route.path in ("/bytes", "/short"):  # /short promises size bytes, sends half
+            size = int(query["size"])
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(size))
+            self.end_headers()
+            if self.command == "HEAD":
+                return
+            sent = 0
+            with self.server.lock:
+                self.server.streaming += 1
+            with contextlib.suppress(OSError):  # the visitor may leave half-way
+                for piece in pattern(size if route.path == "/bytes" else size // 2):
+                    self.wfile.write(piece)
+                    sent += len(piece)
+            with self.server.lock:
+                self.server.streaming -= 1
+            if sent < size:
+                self.close_connection = True
+            return
         if route.path == "/sse":
             return self.sse(int(query.get("n", 5)), float(query.get("gap", 0.3)))
         if route.path == "/close-after":
@@ -226,6 +264,7 @@ class AppServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), SpaceApp)
         self.lock = threading.Lock()
         self.connections = 0
+        self.streaming = 0  # bodies being sent by /bytes and /short now
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
     @property
@@ -566,6 +605,79 @@ def test_a_large_response_streams_complete(portal):
     assert response.headers["Content-Length"] == str(8 * MiB + 3)
 
 
+def open_files(pids: list[int]) -> dict[str, int]:
+    """Sockets, pipes and threads the processes hold now."""
+    counts = {"socket": 0, "pipe": 0, "thread": 0}
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                kind = os.readlink(fd).split(":", 1)[0]
+                if kind in counts:
+                    counts[kind] += 1
+        counts["thread"] += len(list(Path(f"/proc/{pid}/task").iterdir()))
+    return counts
+
+
+def test_a_50_mib_response_arrives_intact_and_the_connection_stays_alive(portal):
+    size = 50 * MiB + 12345  # spliced to the visitor, past gunicorn
+    conn = http.client.HTTPConnection("127.0.0.1", portal.apps_port, timeout=60)
+    conn.request("GET", f"/s/alice--public/bytes?size={size}")
+    response = conn.getresponse()
+    assert response.status == 200
+    assert response.getheader("Content-Length") == str(size)
+    assert response.getheader("Content-Security-Policy")  # the proxy's headers, as always
+    digest, got = hashlib.sha256(), 0
+    while data := response.read(MiB):
+        digest.update(data)
+        got += len(data)
+    assert got == size and digest.hexdigest() == pattern_digest(size)
+    assert not response.will_close
+    sock = conn.sock
+    conn.request("GET", "/s/alice--public/after")
+    assert conn.getresponse().read() and conn.sock is sock  # the same connection, kept alive
+    conn.close()
+
+
+def test_a_visitor_leaving_mid_download_leaves_no_pipe_socket_or_thread(portal, apps):
+    workers = portal.workers()
+    assert get(portal, "/s/alice--public/warm").status_code == 200
+    before = open_files(workers)
+    for _ in range(3):
+        conn = socket.create_connection(("127.0.0.1", portal.apps_port))
+        conn.sendall(b"GET /s/alice--public/bytes?size=%d HTTP/1.1\r\nHost: x\r\n\r\n"
+                     % (200 * MiB))
+        got = 0
+        while got < 2 * MiB:
+            got += len(conn.recv(MiB))
+        # Gone without a word: a reset, with the rest of the body still on its way.
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+        conn.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        now = open_files(workers)
+        if now["pipe"] == before["pipe"] and now["socket"] <= before["socket"] \
+                and not apps["public"].streaming:
+            break
+        time.sleep(0.1)
+    assert not apps["public"].streaming, "the portal still holds the app's connection"
+    assert now["pipe"] == before["pipe"], (before, now)
+    assert now["socket"] <= before["socket"], (before, now)
+    # gthread starts its 4 request threads as needed; anything beyond them would be a leak.
+    assert now["thread"] <= len(workers) * (4 + 2), (before, now)
+    assert get(portal, "/s/alice--public/x").status_code == 200
+
+
+def test_an_app_breaking_off_a_large_body_is_not_passed_off_as_complete(portal):
+    conn = http.client.HTTPConnection("127.0.0.1", portal.apps_port, timeout=30)
+    conn.request("GET", f"/s/alice--public/short?size={8 * MiB}")
+    response = conn.getresponse()
+    assert response.status == 200
+    with pytest.raises(http.client.IncompleteRead):
+        response.read()
+    conn.close()
+    assert get(portal, "/s/alice--public/x").status_code == 200
+
+
 def test_a_body_that_ends_with_the_connection_arrives_whole(portal):
     response = get(portal, "/s/alice--public/until-close")
     assert response.content == b"all of it" * 1000
@@ -835,6 +947,73 @@ def test_without_an_offline_module_nothing_is_rewritten(flask_app, monkeypatch):
     monkeypatch.setattr(web_proxy, "_hook", None)
     response = flask_app.test_client().get("/s/alice--public/page.html")
     assert b"http://cdn.example/x.js" in response.data
+
+
+def test_under_gunicorn_a_large_body_goes_to_the_socket_not_through_python(flask_app):
+    from werkzeug.test import EnvironBuilder
+
+    size = 3 * MiB + 7
+    mine, theirs = socket.socketpair()
+    environ = EnvironBuilder(path=f"/s/alice--public/bytes?size={size}").get_environ()
+    environ["gunicorn.socket"] = mine
+    started = []
+    body = flask_app.wsgi_app(environ, lambda status, headers: started.append(status))
+    received = []
+    reader = threading.Thread(target=lambda: received.extend(iter(lambda: theirs.recv(MiB), b"")))
+    reader.start()
+    try:
+        items = list(body)  # what gunicorn would write (after the status line and headers)
+        body.close()
+    finally:
+        mine.shutdown(socket.SHUT_WR)
+        reader.join(10)
+        mine.close()
+        theirs.close()
+    assert started == ["200 OK"] and items == [b""]
+    data = b"".join(received)
+    assert len(data) == size
+    assert hashlib.sha256(data).hexdigest() == pattern_digest(size)
+
+
+def test_a_small_body_is_still_handed_to_gunicorn(flask_app):
+    from werkzeug.test import EnvironBuilder
+
+    mine, theirs = socket.socketpair()
+    environ = EnvironBuilder(path="/s/alice--public/big?size=1000").get_environ()
+    environ["gunicorn.socket"] = mine
+    try:
+        items = list(flask_app.wsgi_app(environ, lambda status, headers: None))
+    finally:
+        mine.close()
+        theirs.close()
+    assert b"".join(items) == b"x" * 1000
+
+
+def test_a_change_to_a_space_reaches_the_proxy_within_moments(flask_app):
+    from appliance import web_proxy
+
+    client = flask_app.test_client()
+
+    def answers(status: int) -> bool:
+        deadline = time.monotonic() + web_proxy.ROW_CHECK_SECONDS + 2
+        while time.monotonic() < deadline:
+            if client.get("/s/alice--public/x", headers={
+                    "Accept": "application/json"}).status_code == status:
+                return True
+            time.sleep(0.02)
+        return False
+
+    assert answers(200)
+    store = open_store(flask_app.extensions["appliance.config"].db_path)
+    try:
+        store.update_space("alice/public", visibility="private")
+        assert answers(401), "a Space made private stays open"
+        store.update_space("alice/public", visibility="public")
+        assert answers(200)
+        store.delete_space_rows("alice/public", "test")
+        assert answers(404), "a deleted Space is still proxied"
+    finally:
+        store.close()
 
 
 # -- the connection pool ------------------------------------------------------------------------
