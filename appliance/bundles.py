@@ -552,7 +552,7 @@ def download_wheels(dest: Path, log: Log = _quiet) -> None:
 
 def repos_dir(config) -> Path:
     """Where imported Space repositories live (a local source for later offline updates)."""
-    return config.data_path / "repos"
+    return config.imported_repos_path
 
 
 def import_bundle(ctx, path: Path, key: bytes | None = None, log: Log = _quiet
@@ -635,11 +635,6 @@ def _plan_spaces(ctx, staged: Staged) -> list[_SpacePlan]:
             raise BundleError(f"The bundle gives {space_id} no valid revision")
         slug = builds.image_repository(space_id).split("/", 1)[1]
         repo = repos / slug
-        if not any(repo.resolve().is_relative_to(r) for r in ctx.config.local_source_roots):
-            raise InvalidInput(
-                f"Imported Space repositories live in {repos}, which is not an allowed local "
-                "source directory",
-                hint=f"add it to APPLIANCE_LOCAL_SOURCES (e.g. {repos}), then import again")
         row = ctx.store.find_space(space_id)
         if row is not None:
             row = spaces.recover_abandoned(ctx, space_id)

@@ -251,8 +251,12 @@ class Config:
 
     @property
     def local_source_roots(self) -> list[Path]:
-        roots = [Path(p).resolve() for p in self.local_sources.split(":") if p.strip()]
-        return roots + [(self.data_path / "repos").resolve()]  # Spaces imported from bundles
+        return [Path(p).resolve() for p in self.local_sources.split(":") if p.strip()]
+
+    @property
+    def imported_repos_path(self) -> Path:
+        """Where Spaces imported from bundles keep their repositories (always a local source)."""
+        return (self.data_path / "repos").resolve()
 
     def with_values(self, **overrides: Any) -> Config:
         merged = dict(self.values)

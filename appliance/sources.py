@@ -226,6 +226,9 @@ def _vet_local(path_text: str, config) -> Path:
     """Resolve a local source and check it is a git repository inside an allowed root."""
     path = os.path.expanduser(path_text)
     roots = config.local_source_roots
+    imported = config.imported_repos_path  # the appliance's own copies of bundled Spaces
+    if Path(path).resolve().is_relative_to(imported):
+        roots = [*roots, imported]
     if not roots:
         raise SourceError(
             f"Local paths are not allowed as Space sources: {path}",

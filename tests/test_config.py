@@ -41,7 +41,7 @@ def test_load_config_without_overrides_gives_the_defaults(no_file):
     assert config.db_path == Path("/var/lib/appliance/appliance.db")
     assert config.podman_autostart is True
     assert config.port_bounds == (17000, 17999)
-    assert config.local_source_roots == [Path("/var/lib/appliance/repos")]  # bundles only
+    assert config.local_source_roots == []
 
 
 def test_unknown_attribute_is_an_attribute_error(no_file):
@@ -182,8 +182,7 @@ def test_local_source_roots_split_on_colons_resolve_and_skip_empties(no_file, tm
     (tmp_path / "link").symlink_to(tmp_path / "real")
     config = load_config(
         {**no_file, "APPLIANCE_LOCAL_SOURCES": f"{tmp_path}/a::{tmp_path}/link:  :"})
-    assert config.local_source_roots == [(tmp_path / "a").resolve(), (tmp_path / "real").resolve(),
-                                         (config.data_path / "repos").resolve()]
+    assert config.local_source_roots == [(tmp_path / "a").resolve(), (tmp_path / "real").resolve()]
 
 
 def test_podman_socket_url_defaults_to_the_service_users_runtime_dir(no_file):

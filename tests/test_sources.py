@@ -272,6 +272,18 @@ def test_parse_local_refused_when_no_local_sources_configured(repo, tmp_path):
     assert caught.value.hint == "allow a directory with APPLIANCE_LOCAL_SOURCES=/path/to/dir"
 
 
+def test_a_bundled_spaces_own_repository_is_always_a_local_source(tmp_path):
+    cfg = load_config({}, local_sources="", data_dir=str(tmp_path / "data"))
+    imported = cfg.data_path / "repos" / "team-demo"
+    imported.mkdir(parents=True)
+    git(imported, "init", "-q", "-b", "main")
+    commit(imported, {"app.py": "print('bundled')\n"}, "bundled")
+    assert parse_source(str(imported), cfg).url == str(imported.resolve())
+    climbing = str(cfg.data_path / "repos" / ".." / "elsewhere")
+    with pytest.raises(SourceError, match="Local paths are not allowed"):
+        parse_source(climbing, cfg)
+
+
 def test_parse_local_refused_outside_allowed_roots(repo, tmp_path):
     cfg = load_config({}, local_sources=str(tmp_path / "allowed"), data_dir=str(tmp_path / "d"))
     with pytest.raises(SourceError) as caught:
