@@ -304,6 +304,14 @@ def check_runtime_dir(f: Facts) -> Check:
     return Check("runtime-dir", "ok", f"{path} (owner {f.user}, mode 700)")
 
 
+def check_cni_dir(f: Facts) -> Check:
+    if host.under(f.root, "/var/lib/cni").is_dir():
+        return Check("cni-dir", "ok", "/var/lib/cni exists")
+    detail = ("/var/lib/cni is missing: rootless Podman then hides /var/lib in its network "
+              "namespace, and offline Spaces (from bundles) fail with \"network not found\"")
+    return Check("cni-dir", "warn", detail, "install -d -m 755 /var/lib/cni")
+
+
 def check_api_socket(f: Facts) -> Check:
     url = f.socket_url
     if f.podman is None and f.podman_error is None:
@@ -413,7 +421,8 @@ def check_base_image(f: Facts) -> Check:
 CHECKS: tuple[Callable[[Facts], Check], ...] = (
     check_service_user, check_podman, check_uidmap, check_slirp4netns, check_cgroups,
     check_runtime, check_cgroup_manager, check_limits, check_rootful, check_subuid, check_tun,
-    check_storage, check_runtime_dir, check_api_socket, check_python, check_ca_bundle, check_cdi,
+    check_storage, check_runtime_dir, check_cni_dir, check_api_socket, check_python,
+    check_ca_bundle, check_cdi,
     check_git, check_git_lfs, check_disk, check_base_image,
 )  # fmt: skip
 CHECK_NAMES = tuple(c.__name__.removeprefix("check_").replace("_", "-") for c in CHECKS)

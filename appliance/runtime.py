@@ -27,6 +27,9 @@ LABEL_REVISION = "appliance.revision"
 LABEL_ROLE = "appliance.role"
 LABEL_INSTANCE = "appliance.instance"
 DEFAULT_DATA_DIR = "/var/lib/appliance"
+# The network of offline Spaces (from a bundle): internal, so its containers get no route
+# out, while rootlessport still publishes their port on the host's 127.0.0.1.
+OFFLINE_NETWORK = "appliance-offline"
 
 
 @dataclass(frozen=True)
@@ -283,11 +286,13 @@ class Runtime:
         command: list[str] | None = None,
         devices: list[str] | None = None,
         memory_limit_mib: int | None = None,
+        offline: bool = False,
     ) -> str:
         """Create and start a hardened container publishing container_port on 127.0.0.1.
 
         devices are CDI names (nvidia.com/gpu=0); memory_limit_mib overrides the Space
-        default (a Jetson GPU budget is system memory).
+        default (a Jetson GPU budget is system memory). offline puts it on the internal
+        OFFLINE_NETWORK: no outbound connection at all, its port still published.
         """
         self.remove_container(name)
         kwargs: dict[str, Any] = dict(
@@ -306,6 +311,9 @@ class Runtime:
         )
         if command:
             kwargs["command"] = command
+        if offline:
+            kwargs.update(network_mode="bridge",
+                          networks={self.ensure_offline_network(): {}})
         if devices:
             kwargs["devices"] = devices
         if enforce_limits:
@@ -326,8 +334,46 @@ class Runtime:
             self.remove_container(name)
             if "address already in use" in text:
                 raise PortInUse(host_port) from None
+            if offline and "network not found" in text:
+                # Podman 4.3 mounts an empty folder over /var/lib in its rootless network
+                # namespace when /var/lib/cni is missing, hiding the network configs kept
+                # under a home in /var/lib (the service account's /var/lib/appliance).
+                raise RuntimeUnavailable(
+                    f"Podman could not start {name}: {text}",
+                    hint="as root: mkdir -p /var/lib/cni (rootless Podman 4.3 hides /var/lib, "
+                    "and the service account's networks with it, when that folder is missing)"
+                ) from None
             raise RuntimeUnavailable(f"Podman could not start {name}: {text}") from None
         return container.id
+
+    def ensure_offline_network(self) -> str:
+        """Create the internal network of offline Spaces unless it exists; return its name.
+
+        One network for every instance sharing this Podman (each rootless network takes a
+        subnet); it is labelled with the instance that made it. Name resolution is off:
+        aardvark-dns would forward queries for outside names, a way out.
+        """
+        try:
+            if not self.client.networks.exists(OFFLINE_NETWORK):
+                try:
+                    self.client.networks.create(
+                        OFFLINE_NETWORK, internal=True, dns_enabled=False,
+                        labels={LABEL_ROLE: "offline-network",
+                                LABEL_INSTANCE: self.config.instance_id})
+                except podman.errors.APIError as exc:  # made meanwhile by another process
+                    if "already exists" not in _api_error_text(exc):
+                        raise
+            attrs = self.client.networks.get(OFFLINE_NETWORK).attrs
+        except (podman.errors.APIError, requests.RequestException) as exc:
+            raise RuntimeUnavailable(f"Cannot create the network {OFFLINE_NETWORK}: "
+                                     f"{_api_error_text(exc)}") from None
+        if not attrs.get("internal") or attrs.get("dns_enabled"):
+            raise RuntimeUnavailable(
+                f"The Podman network {OFFLINE_NETWORK} is not internal, or resolves names, so "
+                "offline Spaces would reach the outside through it",
+                hint=f"remove it ('podman network rm {OFFLINE_NETWORK}' as the service "
+                "account, once no container uses it); the appliance makes it again")
+        return OFFLINE_NETWORK
 
     def _find(self, name: str):
         """Return the named container, or None when there is none."""

@@ -308,9 +308,10 @@ def start_revision(ctx: Context, space_id: str, sha: str, image: str,
         claim = gpus.claim(ctx, space_id, row["hardware"])
         env = {**_container_env(ctx, row, manifest), **claim.env}
         volumes = {data_volume(space_id): "/data"}
-        if env.get("HF_HUB_OFFLINE") == "1":
+        offline = env.get("HF_HUB_OFFLINE") == "1"
+        if offline:
             # An offline Space (one from a bundle) finds its models in the shared cache,
-            # which it reads and never writes.
+            # which it reads and never writes, and runs with no way out to any network.
             volumes[HF_CACHE_VOLUME] = f"{HF_HOME}:ro"
         for _ in range(3):
             backend = allocate_port(ctx, exclude={row["port"]})
@@ -319,7 +320,7 @@ def start_revision(ctx: Context, space_id: str, sha: str, image: str,
                     name, image, backend, container_port, env,
                     {LABEL_SPACE: space_id, LABEL_REVISION: sha, LABEL_ROLE: "app"},
                     volumes, enforce, devices=claim.devices,
-                    memory_limit_mib=claim.memory_limit_mib)
+                    memory_limit_mib=claim.memory_limit_mib, offline=offline)
                 break
             except PortInUse:
                 continue

@@ -58,6 +58,10 @@ configure_podman() {
     chmod 666 /dev/net/tun
   fi
   install -d -m 700 -o "$SERVICE_USER" -g "$SERVICE_USER" "/run/user/$uid"
+  # Without /var/lib/cni, rootless Podman 4.3 hides /var/lib in its network namespace, and
+  # with it the account's own network files: offline Spaces (an internal network) fail to
+  # start with "network not found".
+  install -d -m 755 /var/lib/cni
   install -d -m 755 -o "$SERVICE_USER" -g "$SERVICE_USER" "$home/.config" "$home/.config/containers"
   local manager=systemd runtime=crun
   # crun refuses hybrid cgroups, and without systemd as PID 1 there is no user manager.

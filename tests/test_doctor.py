@@ -69,6 +69,7 @@ def tree(tmp_path, monkeypatch):
     write(root, "proc/self/mountinfo", MOUNTINFO_V2)
     write(root, "proc/self/status", "Name:\tpython\nCapEff:\t000001ffffffffff\n")
     write(root, "proc/1/comm", "systemd\n")
+    (root / "var/lib/cni").mkdir(parents=True)
     write(root, "sys/fs/cgroup/cgroup.controllers", "cpuset cpu io memory pids\n")
     write(
         root,
@@ -367,6 +368,13 @@ def test_runtime_dir_left_by_dead_processes_fails_with_the_clean_up(config, tree
     assert found.fix == f"find /run/user/{UID} -mindepth 1 -delete"
     write(tree, "proc/4242/status", f"Name:\tpodman\nUid:\t{UID}\t{UID}\t{UID}\t{UID}\n")
     assert checks(config, tree)["runtime-dir"].status == "ok"
+
+
+def test_missing_var_lib_cni_warns_with_the_fix(config, tree):
+    (tree / "var/lib/cni").rmdir()
+    found = checks(config, tree)["cni-dir"]
+    assert found.status == "warn" and "network not found" in found.detail
+    assert found.fix == "install -d -m 755 /var/lib/cni"
 
 
 def unreachable():
