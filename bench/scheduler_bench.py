@@ -857,8 +857,10 @@ def main(argv: list[str] | None = None) -> int:
     os.chmod(root, 0o755)
     (root / "src").mkdir(mode=0o755)
     # An empty environ: the bench must not pick up the integration tests' APPLIANCE_* values.
+    # No initial delay: the sweeps measured are of Spaces that have served for a while.
     config = load_config({}, data_dir=str(root / "data"), local_sources=str(root / "src"),
-                         port_range=PORT_RANGE, reconcile_interval=args.interval)
+                         port_range=PORT_RANGE, reconcile_interval=args.interval,
+                         health_initial_delay=0)
     user = ServiceUser.of(config)
     ctx = spaces.open_context(config, actor="bench")
     bench = Bench(config, user, root, secrets.token_hex(3))
