@@ -97,13 +97,28 @@ def attribute_processes(ctx: spaces.Context,
     {pid, used_mib, gpu_uuid}). A process that ended meanwhile is left out; one whose
     memory NVML cannot read counts 0 MiB.
     """
-    listed = [(card, process) for card in inventory.gpus for process in card.processes]
+    per_gpu, unattributed = attribute_by_gpu(ctx, inventory)
+    attributed: dict[str, int] = {}
+    for used in per_gpu.values():
+        for space_id, mib in used.items():
+            attributed[space_id] = attributed.get(space_id, 0) + mib
+    return attributed, unattributed
+
+
+def attribute_by_gpu(ctx: spaces.Context, inventory: gpu.Inventory
+                     ) -> tuple[dict[int, dict[str, int]], list[dict[str, Any]]]:
+    """Like attribute_processes, per GPU: {GPU's index in the inventory: {Space: MiB}}.
+
+    The containers' namespaces are looked up once for every GPU (telemetry samples them all).
+    """
+    listed = [(number, card, process) for number, card in enumerate(inventory.gpus)
+              for process in card.processes]
     if not listed:
         return {}, []  # nothing on the GPUs: spare Podman the question
     namespaces = _space_namespaces(ctx)
-    attributed: dict[str, int] = {}
+    per_gpu: dict[int, dict[str, int]] = {}
     unattributed: list[dict[str, Any]] = []
-    for card, process in listed:
+    for number, card, process in listed:
         try:
             namespace = _pid_namespace(process.pid)
         except _Vanished:
@@ -113,8 +128,9 @@ def attribute_processes(ctx: spaces.Context,
             unattributed.append({"pid": process.pid, "used_mib": process.used_mib,
                                  "gpu_uuid": gpu_key(card) or card.uuid})
         else:
-            attributed[space_id] = attributed.get(space_id, 0) + (process.used_mib or 0)
-    return attributed, unattributed
+            used = per_gpu.setdefault(number, {})
+            used[space_id] = used.get(space_id, 0) + (process.used_mib or 0)
+    return per_gpu, unattributed
 
 
 def _stamp(now: float) -> str:

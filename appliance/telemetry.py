@@ -14,7 +14,6 @@ the rest of the week and 24 a day after that: some 40 MB for 8 GPUs and 16 Space
 
 from __future__ import annotations
 
-import dataclasses
 import sqlite3
 import time
 from dataclasses import dataclass, field
@@ -85,49 +84,18 @@ def gpu_name(card: gpu.Gpu) -> str:
 # -- sampling -----------------------------------------------------------------------------------
 
 
-class _OneLook:
-    """The runtime's answers, asked once per sample.
-
-    attribute_processes sums a Space's memory over every GPU it is given, so a sample asks
-    it one GPU at a time; without this, each of those calls would list Podman's containers
-    and inspect each of them again.
-    """
-
-    def __init__(self, runtime: Any):
-        self._runtime = runtime
-        self._containers: list[Any] | None = None
-        self._pids: dict[str, int | None] = {}
-
-    def containers(self) -> list[Any]:
-        if self._containers is None:
-            self._containers = self._runtime.containers()
-        return self._containers
-
-    def init_pid(self, name: str) -> int | None:
-        if name not in self._pids:
-            self._pids[name] = self._runtime.init_pid(name)
-        return self._pids[name]
-
-
 def _space_rows(ctx: spaces.Context, inventory: gpu.Inventory, at: str,
                 report: SampleReport) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    looked = dataclasses.replace(ctx, runtime=_OneLook(ctx.runtime))
-    for card in inventory.gpus:
-        if not card.processes:
-            continue
-        try:
-            attributed, _ = gpu_watchdog.attribute_processes(
-                looked, dataclasses.replace(inventory, gpus=(card,)))
-        except ApplianceError as exc:
-            # The GPUs' own rows are still worth having; the next sample tries Podman again.
-            report.errors.append(f"cannot attribute GPU memory to Spaces: {exc}")
-            return []
-        rows += [{"at": at, "gpu_uuid": gpu_name(card), "space_id": space_id,
-                  "resolution": RAW, "memory_used_mib": used, "utilization_gpu": None,
-                  "temperature_c": None, "power_w": None}
-                 for space_id, used in sorted(attributed.items())]
-    return rows
+    try:
+        per_gpu, _ = gpu_watchdog.attribute_by_gpu(ctx, inventory)
+    except ApplianceError as exc:
+        # The GPUs' own rows are still worth having; the next sample tries Podman again.
+        report.errors.append(f"cannot attribute GPU memory to Spaces: {exc}")
+        return []
+    return [{"at": at, "gpu_uuid": gpu_name(inventory.gpus[number]), "space_id": space_id,
+             "resolution": RAW, "memory_used_mib": used, "utilization_gpu": None,
+             "temperature_c": None, "power_w": None}
+            for number in sorted(per_gpu) for space_id, used in sorted(per_gpu[number].items())]
 
 
 def sample_once(ctx: spaces.Context, inventory: gpu.Inventory | None = None,
