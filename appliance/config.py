@@ -44,6 +44,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Port serving the Spaces' apps (/s/OWNER--NAME/): another origin than the portal, so "
             "a Space's scripts cannot act as its visitor on the portal; 0 serves them on "
             "portal_port.", int),
+    Setting("portal_apps_domain", "",
+            "Wildcard DNS name for the Spaces' apps: OWNER--NAME.DOMAIN on the apps port serves "
+            "that Space at its root, an origin of its own; the portal is then opened at "
+            "DOMAIN. Empty: paths under /s/ only.", str),
     Setting("portal_workers", 1,
             "gunicorn worker processes of the portal (about 50 MiB each; more serve more "
             "requests at once on a box with cores to spare).", int),

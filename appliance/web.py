@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from flask import Flask, abort, g, jsonify, render_template, request, session
+from flask.sessions import SecureCookieSessionInterface
 
 from . import spaces, users
 from .config import Config, load_config
@@ -48,6 +49,17 @@ def secret_key(config: Config) -> bytes:
         return path.read_bytes()
 
 
+class PortalSessions(SecureCookieSessionInterface):
+    """Flask's signed-cookie sessions; opened at the apps domain, the cookie covers the
+    Spaces' hosts too (OWNER--NAME.DOMAIN, for login-required Spaces: the proxy never passes
+    it on to an app); opened any other way (an IP address), it stays with the host."""
+
+    def get_cookie_domain(self, app: Flask) -> str | None:
+        domain = app.extensions["appliance.config"].portal_apps_domain.strip(".").lower()
+        host = request.host.rsplit(":", 1)[0].lower()
+        return domain if domain and host == domain else None
+
+
 def create_app(config: Config | None = None, context_factory: Callable[..., Any] | None = None
                ) -> Flask:
     """Build the portal. context_factory(config, actor) makes the service Context (tests
@@ -65,6 +77,7 @@ def create_app(config: Config | None = None, context_factory: Callable[..., Any]
         SEND_FILE_MAX_AGE_DEFAULT=3600,
     )
     app.json.sort_keys = False
+    app.session_interface = PortalSessions()
     app.extensions["appliance.config"] = config
     app.extensions["appliance.context_factory"] = context_factory or (
         lambda cfg, actor: spaces.open_context(cfg, actor=actor))

@@ -421,12 +421,18 @@ class SpaceProxy:
         self.slugs: dict[str, str | None] = {}
         self.portal_port = self.config.portal_port
         self.apps_port = self.config.portal_apps_port
+        self.apps_domain = self.config.portal_apps_domain.strip(".").lower()
         # Who may frame a Space: its own origin, and the portal's pages on their port.
         self.framers = "'self'" + (f" *:{self.portal_port}" if self.apps_port else "")
 
     def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
         path = environ.get("PATH_INFO") or ""
         if self.apps_port and environ.get("SERVER_PORT") == str(self.apps_port):
+            slug = _host_slug(environ, self.apps_domain)
+            if slug is not None:  # OWNER--NAME.DOMAIN: the Space at the root of its own host
+                environ["appliance.host_slug"] = slug
+                return self.serve(environ, start_response, slug, "",
+                                  _raw_target(environ))
             # The apps' origin serves the apps (and the files their offline pages load),
             # never a portal page a Space's script could read or post to as its visitor.
             if path.startswith(PREFIX):
@@ -466,6 +472,15 @@ class SpaceProxy:
                 ("Location", quote(mount) + "/" + (f"?{query}" if query else "")),
                 ("Content-Length", "0")])
             return [b""]
+        return self.serve(environ, start_response, slug, mount,
+                          _upstream_target(environ, slug), space_id)
+
+    def serve(self, environ: dict[str, Any], start_response: Callable, slug: str, mount: str,
+              target: str, space_id: str | None = None) -> Iterable[bytes]:
+        """Forward to the Space named by slug, mounted at mount ("" for its own host)."""
+        space_id = space_id or space_id_of(slug)
+        if space_id is None:
+            return self.page(environ, start_response, 404, "Not found", None)
         row = self.space_row(space_id)
         if row is None or row["stage"] == "DELETING":
             return self.page(environ, start_response, 404, f"No Space named {space_id}",
@@ -473,7 +488,6 @@ class SpaceProxy:
         refusal = self.check_access(environ, row)
         if refusal is not None:
             return refusal(start_response)
-        target = _upstream_target(environ, slug)
         headers = self.request_headers(environ, mount)
         if _is_websocket(environ):
             return self.tunnel(environ, start_response, row, mount, target, headers)
@@ -548,13 +562,19 @@ class SpaceProxy:
         found = users.caller_for_user(self.store(), name)
         return found.user if found else None
 
+    def portal_origin(self, environ: dict[str, Any]) -> str:
+        """The portal's pages as seen from the apps' origin (or a Space's own host)."""
+        host = self.apps_domain if "appliance.host_slug" in environ else _hostname(environ)
+        return f"{environ.get('wsgi.url_scheme', 'http')}://{host}:{self.portal_port}"
+
     def login_url(self, environ: dict[str, Any]) -> str:
         if self.apps_port and environ.get("SERVER_PORT") == str(self.apps_port):
             # Log in on the portal's origin, then land on the Space's page there.
-            slug = environ["PATH_INFO"][len(PREFIX):].partition("/")[0]
+            slug = environ.get("appliance.host_slug") or \
+                environ["PATH_INFO"][len(PREFIX):].partition("/")[0]
             owner, _, name = slug.partition("--")
-            return (f"{environ.get('wsgi.url_scheme', 'http')}://{_hostname(environ)}:"
-                    f"{self.portal_port}/login?next=" + quote(f"/spaces/{owner}/{name}", safe=""))
+            return (f"{self.portal_origin(environ)}/login?next="
+                    + quote(f"/spaces/{owner}/{name}", safe=""))
         query = environ.get("QUERY_STRING")
         back = environ.get("SCRIPT_NAME", "") + environ["PATH_INFO"] + (
             f"?{query}" if query else "")
@@ -599,7 +619,7 @@ class SpaceProxy:
             ("X-Forwarded-For", forwarded_for),
             ("X-Forwarded-Proto", environ.get("wsgi.url_scheme", "http")),
             ("X-Forwarded-Host", host + mount),
-            ("X-Forwarded-Prefix", mount),
+            *([("X-Forwarded-Prefix", mount)] if mount else []),
         ]
         return headers
 
@@ -879,8 +899,7 @@ class SpaceProxy:
         if self.apps_port and environ.get("SERVER_PORT") == str(self.apps_port):
             # On the apps' origin: a plain page (nothing of the portal's, no session in it)
             # whose link leads back to the portal's origin.
-            link = (f"{environ.get('wsgi.url_scheme', 'http')}://{_hostname(environ)}:"
-                    f"{self.portal_port}/" + (f"spaces/{space}" if space else ""))
+            link = f"{self.portal_origin(environ)}/" + (f"spaces/{space}" if space else "")
         else:
             try:
                 from flask import render_template, url_for
@@ -915,10 +934,34 @@ def _hostname(environ: dict[str, Any]) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
+def _host_slug(environ: dict[str, Any], domain: str) -> str | None:
+    """OWNER--NAME when the visitor addressed OWNER--NAME.DOMAIN, else None."""
+    if not domain:
+        return None
+    host = _hostname(environ).lower()
+    label, dot, rest = host.partition(".")
+    return label if dot and rest == domain.lower() and "--" in label else None
+
+
+def _raw_target(environ: dict[str, Any]) -> str:
+    """The request target as the visitor sent it (path and query)."""
+    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+    if raw:
+        return raw
+    query = environ.get("QUERY_STRING")
+    target = quote((environ.get("PATH_INFO") or "/").encode("latin-1"), safe="/:@!$&'()*+,;=~")
+    return f"{target}?{query}" if query else target
+
+
 def apps_url(environ: dict[str, Any], config: Any, space_id: str) -> str:
-    """Where a visitor's browser reaches a Space's app: the apps' origin, or the portal's."""
+    """Where a visitor's browser reaches a Space's app: its own host under the apps domain,
+    the apps' origin, or the portal's."""
     if not config.portal_apps_port:
         return space_path(space_id)
+    slug = space_path(space_id)[len(PREFIX):].rstrip("/")
+    if config.portal_apps_domain and re.fullmatch(r"[a-z0-9-]{1,63}", slug):
+        return (f"{environ.get('wsgi.url_scheme', 'http')}://{slug.lower()}."
+                f"{config.portal_apps_domain}:{config.portal_apps_port}/")
     return (f"{environ.get('wsgi.url_scheme', 'http')}://{_hostname(environ)}:"
             f"{config.portal_apps_port}{space_path(space_id)}")
 

@@ -391,3 +391,17 @@ def test_secret_never_appears_in_any_page_or_response(app):
             assert SECRET_VALUE not in response.get_data(as_text=True), url
     assert "/spaces/<owner>/<name>/settings" in {r.rule for r in app.url_map.iter_rules()}
     assert len(seen) > 20
+
+
+def test_with_an_apps_domain_spaces_get_hosts_of_their_own_and_the_login_covers_them(app):
+    app.extensions["appliance.config"].values["portal_apps_domain"] = "spaces.test"
+    page = app.test_client().get("/spaces/alice/public", base_url="http://spaces.test:8080")
+    assert 'src="http://alice--public.spaces.test:8081/"' in page.get_data(as_text=True)
+    for base, domain in (("http://spaces.test:8080", "Domain=spaces.test"),
+                         ("http://127.0.0.1:8080", None)):
+        client = app.test_client()
+        token = csrf_of(client.get("/login", base_url=base).data)
+        response = client.post("/login", base_url=base, data={
+            "username": "admin", "password": PASSWORD, "csrf_token": token})
+        cookie = response.headers["Set-Cookie"]
+        assert (domain in cookie) if domain else ("Domain=" not in cookie), (base, cookie)

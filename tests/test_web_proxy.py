@@ -324,7 +324,8 @@ class Portal:
             env={**os.environ, "APPLIANCE_DATA_DIR": str(tmp / "data"),
                  "APPLIANCE_CONFIG_FILE": "/nonexistent", "APPLIANCE_ROUTER_HOST": "127.0.0.1",
                  "APPLIANCE_PORTAL_THREADS": "4",
-                 "APPLIANCE_PORTAL_APPS_PORT": str(self.apps_port), **(env or {})})
+                 "APPLIANCE_PORTAL_APPS_PORT": str(self.apps_port),
+                 "APPLIANCE_PORTAL_APPS_DOMAIN": "spaces.test", **(env or {})})
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             assert self.process.poll() is None, self.log_path.read_text()
@@ -1078,3 +1079,39 @@ def test_the_portal_sends_space_paths_to_the_apps_origin(portal):
                             allow_redirects=False)
     assert response.status_code == 307
     assert response.headers["Location"] == f"{portal.apps}/s/alice--public/x?y=1"
+
+
+# -- a host of its own per Space (a wildcard DNS name) --------------------------------------
+
+
+def on_host(portal, host: str, path: str, **kwargs) -> requests.Response:
+    """Ask the apps port for path as a browser addressing HOST would (DNS is not needed)."""
+    headers = {"Host": f"{host}:{portal.apps_port}", **kwargs.pop("headers", {})}
+    return requests.get(portal.apps + path, headers=headers, allow_redirects=False,
+                        timeout=30, **kwargs)
+
+
+def test_a_space_answers_at_the_root_of_its_own_host(portal):
+    response = on_host(portal, "alice--public.spaces.test", "/echo?x=1")
+    assert response.status_code == 200
+    assert response.json()["target"] == "/echo?x=1"
+    headers = seen_headers(response)
+    assert headers["x-forwarded-host"] == f"alice--public.spaces.test:{portal.apps_port}"
+    assert "x-forwarded-prefix" not in headers
+    redirect = on_host(portal, "alice--public.spaces.test", "/redirect",
+                       params={"to": "/login"})
+    assert redirect.headers["Location"] == "/login"  # its root is its own: nothing to add
+
+
+def test_a_private_space_on_its_own_host_sends_browsers_to_the_portal(portal):
+    response = on_host(portal, "alice--private.spaces.test", "/page",
+                       headers={"Accept": "text/html"})
+    assert response.status_code == 302
+    assert response.headers["Location"] == (
+        f"http://spaces.test:{portal.port}/login?next=%2Fspaces%2Falice%2Fprivate")
+
+
+def test_an_unknown_host_under_the_domain_is_not_found(portal):
+    assert on_host(portal, "alice--ghost.spaces.test", "/").status_code == 404
+    assert on_host(portal, "nodash.spaces.test", "/login").status_code == 404  # no portal page
+    assert on_host(portal, "alice--public.other.test", "/echo").status_code == 404
