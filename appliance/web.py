@@ -22,7 +22,8 @@ from flask.sessions import SecureCookieSessionInterface
 from . import spaces, users
 from .config import Config, load_config
 from .errors import ApplianceError, Forbidden, InvalidInput, Unauthorized
-from .store import open_store
+from .runtime import Runtime
+from .store import Store, open_store
 from .users import ANONYMOUS, Caller
 
 UNSAFE = {"POST", "PUT", "PATCH", "DELETE"}
@@ -79,9 +80,11 @@ def create_app(config: Config | None = None, context_factory: Callable[..., Any]
     app.json.sort_keys = False
     app.session_interface = PortalSessions()
     app.extensions["appliance.config"] = config
+    # The schema is brought up to date once here; a request only opens a connection (running
+    # the migration check per request took SQLite's write lock on every page view).
+    open_store(config.db_path).close()
     app.extensions["appliance.context_factory"] = context_factory or (
-        lambda cfg, actor: spaces.open_context(cfg, actor=actor))
-    open_store(config.db_path).close()  # migrate once, before workers race for it
+        lambda cfg, actor: spaces.Context(cfg, Store(cfg.db_path), Runtime(cfg), actor))
 
     app.before_request(_identify)
     app.before_request(_check_csrf)
@@ -118,6 +121,8 @@ def bearer_token() -> str | None:
 
 def _identify() -> None:
     g.caller = ANONYMOUS
+    if request.endpoint == "static":
+        return  # the portal's own CSS and script: nobody to identify, no database to open
     store = context().store
     token = bearer_token()
     if token:

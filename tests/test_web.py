@@ -405,3 +405,61 @@ def test_with_an_apps_domain_spaces_get_hosts_of_their_own_and_the_login_covers_
             "username": "admin", "password": PASSWORD, "csrf_token": token})
         cookie = response.headers["Set-Cookie"]
         assert (domain in cookie) if domain else ("Domain=" not in cookie), (base, cookie)
+
+
+def test_pages_answer_while_another_process_holds_the_databases_write_lock(app):
+    import sqlite3
+    import threading
+
+    portal = create_app(app.extensions["appliance.config"])  # the contexts production makes
+    writer = sqlite3.connect(str(app.config["store_path"]), isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # the scheduler in the middle of a write
+    answers = []
+    worker = threading.Thread(
+        target=lambda: answers.append(portal.test_client().get("/api/v1/spaces").status_code))
+    try:
+        worker.start()
+        worker.join(5)
+        assert answers == [200], "a read request waited for the write lock"
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+        worker.join(30)
+
+
+def test_api_refuses_a_body_that_is_not_a_json_object_and_says_so(app):
+    headers = token_for(app, "admin", "write")
+    response = app.test_client().put("/api/v1/spaces/alice/public/visibility", data="public",
+                                     headers={**headers, "Content-Type": "text/plain"})
+    assert response.status_code == 400 and response.json["error"] == "The request body is not JSON"
+    assert response.json["hint"] == "send Content-Type: application/json"
+    response = app.test_client().put("/api/v1/spaces/alice/public/visibility", json=["public"],
+                                     headers=headers)
+    assert response.json["error"] == "The request body must be a JSON object"
+    response = app.test_client().put("/api/v1/spaces/alice/public/visibility",
+                                     json={"visibility": "everyone"}, headers=headers)
+    assert response.status_code == 400
+    assert response.json["error"] == "Visibility must be public or private, got 'everyone'"
+
+
+def test_settings_forms_say_what_is_wrong(app):
+    client = logged_in(app, "admin")
+    token = csrf_of(client.get("/spaces/alice/public/settings").data)
+    response = client.post("/spaces/alice/public/settings/colour", data={"csrf_token": token})
+    assert response.status_code == 404 and b"No setting named colour" in response.data
+    response = client.post("/spaces/alice/public/settings/health",
+                           data={"interval": "soon", "csrf_token": token})
+    assert response.status_code == 400
+    assert b"Health interval must be a number of seconds, got &#39;soon&#39;" in response.data
+
+
+def test_serve_refuses_the_same_port_for_the_portal_and_the_apps(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from appliance.cli import cli
+
+    monkeypatch.setenv("APPLIANCE_DATA_DIR", str(tmp_path))
+    result = CliRunner().invoke(cli, ["serve", "--port", "9000", "--apps-port", "9000"], obj={})
+    assert result.exit_code == 2
+    assert "The apps port and the portal port are both 9000" in result.output
+    assert "pick another --apps-port, or 0" in result.output
