@@ -261,7 +261,8 @@ class Store:
         """Insert a new Space row plus its event; Conflict when the id or port is taken."""
         with self.transaction():
             try:
-                self.db["spaces"].insert({**row, "created_at": now(), "updated_at": now()})
+                at = now()
+                self.db["spaces"].insert({**row, "created_at": at, "updated_at": at})
             except sqlite3.IntegrityError as exc:
                 if "spaces.id" in str(exc):
                     raise Conflict(
