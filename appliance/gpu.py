@@ -6,6 +6,7 @@ warning, or an ``Inventory(available=False, reason=...)``; none is ever raised.
 
 from __future__ import annotations
 
+import ctypes
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,6 +17,8 @@ import pynvml
 from . import host
 
 MIB = 1024 * 1024
+# What NVML reports as a process's memory when it cannot know it (WDDM on Windows, MPS).
+_NOT_AVAILABLE = pynvml.NVML_VALUE_NOT_AVAILABLE_ulonglong.value
 
 # Answers that mean "this device or driver has no such reading" (a Jetson's shared memory, a
 # card without a power sensor, a driver older than the call): the field is unknown, not wrong.
@@ -228,11 +231,38 @@ def _mig_devices(q: _Queries, handle) -> tuple[MigDevice, ...]:
     return tuple(found)
 
 
+class _ProcessInfo(ctypes.Structure):
+    """nvmlProcessInfo_v3_t as pynvml lays it out, without its per-field lookup hook."""
+
+    _fields_ = pynvml.c_nvmlProcessInfo_v3_t._fields_
+
+
+def _compute_processes(handle) -> list[tuple[int, int | None]]:
+    """Return (pid, bytes used or None) of each compute process on a GPU; NVMLError on failure.
+
+    The calls pynvml.nvmlDeviceGetComputeRunningProcesses_v3 makes (one for the count, then
+    one with room to spare for processes started in between), without its conversion of every
+    entry to a friendly object: that conversion was most of a telemetry sample's CPU.
+    """
+    function = pynvml._nvmlGetFunctionPointer("nvmlDeviceGetComputeRunningProcesses_v3")
+    count = ctypes.c_uint(0)
+    status = function(handle, ctypes.byref(count), None)
+    if status == pynvml.NVML_SUCCESS:
+        return []
+    if status != pynvml.NVML_ERROR_INSUFFICIENT_SIZE:
+        raise pynvml.NVMLError(status)
+    count.value = count.value * 2 + 5
+    entries = (_ProcessInfo * count.value)()
+    status = function(handle, ctypes.byref(count), entries)
+    if status != pynvml.NVML_SUCCESS:
+        raise pynvml.NVMLError(status)
+    return [(entry.pid, None if entry.usedGpuMemory == _NOT_AVAILABLE else entry.usedGpuMemory)
+            for entry in entries[:count.value]]
+
+
 def _processes(q: _Queries, handle) -> tuple[GpuProcess, ...]:
-    # pynvml sizes the buffer itself: a first call for the count (INSUFFICIENT_SIZE), then one
-    # with room to spare for processes started in between.
-    running = q.ask("processes", pynvml.nvmlDeviceGetComputeRunningProcesses_v3, handle) or []
-    return tuple(GpuProcess(int(p.pid), _mib(p.usedGpuMemory)) for p in running)
+    running = q.ask("processes", _compute_processes, handle) or []
+    return tuple(GpuProcess(pid, _mib(used)) for pid, used in running)
 
 
 def _read_gpu(index: int, handle, root: Path, on_jetson: bool) -> Gpu:

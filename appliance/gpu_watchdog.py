@@ -112,25 +112,26 @@ def attribute_by_gpu(ctx: spaces.Context, inventory: gpu.Inventory
 
     The containers' namespaces are looked up once for every GPU (telemetry samples them all).
     """
-    listed = [(number, card, process) for number, card in enumerate(inventory.gpus)
-              for process in card.processes]
-    if not listed:
+    if not any(card.processes for card in inventory.gpus):
         return {}, []  # nothing on the GPUs: spare Podman the question
     namespaces = _space_namespaces(ctx)
     per_gpu: dict[int, dict[str, int]] = {}
     unattributed: list[dict[str, Any]] = []
-    for number, card, process in listed:
-        try:
-            namespace = _pid_namespace(process.pid)
-        except _Vanished:
-            continue
-        space_id = namespaces.get(namespace) if namespace is not None else None
-        if space_id is None:
-            unattributed.append({"pid": process.pid, "used_mib": process.used_mib,
-                                 "gpu_uuid": gpu_key(card) or card.uuid})
-        else:
-            used = per_gpu.setdefault(number, {})
-            used[space_id] = used.get(space_id, 0) + (process.used_mib or 0)
+    for number, card in enumerate(inventory.gpus):
+        used: dict[str, int] = {}
+        for process in card.processes:
+            try:
+                namespace = _pid_namespace(process.pid)
+            except _Vanished:
+                continue
+            space_id = namespaces.get(namespace) if namespace is not None else None
+            if space_id is None:
+                unattributed.append({"pid": process.pid, "used_mib": process.used_mib,
+                                     "gpu_uuid": gpu_key(card) or card.uuid})
+            else:
+                used[space_id] = used.get(space_id, 0) + (process.used_mib or 0)
+        if used:
+            per_gpu[number] = used
     return per_gpu, unattributed
 
 

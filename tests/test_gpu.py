@@ -191,6 +191,18 @@ def test_gpu_with_more_than_64_processes_lists_them_all(fake_nvml, tmp_path):
     assert listed[149] == {"pid": 1149, "used_mib": 149}
 
 
+def test_process_list_refused_is_empty_with_a_warning_and_the_rest_read(fake_nvml, tmp_path):
+    inventory = read(fake_nvml, tmp_path, f"""
+gpu index=0 {A100}
+process gpu=0 pid=1234 used_mib=512
+error nvmlDeviceGetComputeRunningProcesses_v3 NVML_ERROR_NO_PERMISSION
+""")
+    gpu = inventory["gpus"][0]
+    assert gpu["processes"] == []
+    assert gpu["warnings"] == ["processes: Insufficient Permissions (NVML error 4)"]
+    assert gpu["temperature_c"] == 41
+
+
 def test_box_without_nvml_library_is_unavailable_with_the_reason(tmp_path):
     inventory = read(without_nvml(tmp_path), tmp_path, "gpu index=0\n")
     assert inventory == {
