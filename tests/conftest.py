@@ -124,21 +124,31 @@ def labelled(kind: str, space_id: str) -> list[str]:
 
 
 FAKE_NVML_SOURCE = Path(__file__).resolve().parent / "nvml_fake" / "fake_nvml.c"
+FAKE_CUDA_SOURCE = Path(__file__).resolve().parent / "nvml_fake" / "fake_cuda.c"
+
+
+def _compile_library(source: Path, into: Path, name: str) -> Path:
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.fail(f"gcc is needed to compile {source} for the GPU tests: apt-get install gcc")
+    built = subprocess.run([gcc, "-shared", "-fPIC", "-o", str(into / name), str(source)],
+                           capture_output=True, text=True)
+    assert built.returncode == 0, f"compiling {source} failed:\n{built.stderr}"
+    return into
 
 
 @pytest.fixture(scope="session")
 def fake_nvml(tmp_path_factory) -> Path:
     """Compile the fake libnvidia-ml.so.1 once; return the directory that holds it."""
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        pytest.fail(f"gcc is needed to compile {FAKE_NVML_SOURCE} for the GPU tests: "
-                    "apt-get install gcc")
-    lib_dir = tmp_path_factory.mktemp("fake-nvml")
-    built = subprocess.run(
-        [gcc, "-shared", "-fPIC", "-o", str(lib_dir / "libnvidia-ml.so.1"),
-         str(FAKE_NVML_SOURCE)], capture_output=True, text=True)
-    assert built.returncode == 0, f"compiling {FAKE_NVML_SOURCE} failed:\n{built.stderr}"
-    return lib_dir
+    return _compile_library(FAKE_NVML_SOURCE, tmp_path_factory.mktemp("fake-nvml"),
+                            "libnvidia-ml.so.1")
+
+
+@pytest.fixture(scope="session")
+def fake_cuda(tmp_path_factory) -> Path:
+    """Compile the fake libcuda.so.1 once (a directory of its own); return that directory."""
+    return _compile_library(FAKE_CUDA_SOURCE, tmp_path_factory.mktemp("fake-cuda"),
+                            "libcuda.so.1")
 
 
 os.environ.setdefault("APPLIANCE_CONFIG_FILE", "/nonexistent/appliance.toml")
