@@ -21,6 +21,7 @@ from typing import Any
 from . import host, spaces, stages
 from .config import Config
 from .errors import ApplianceError
+from .runtime import ROLE_OFFLINE_NETWORK
 from .store import MIGRATIONS, Store, open_store
 
 GiB = 1024**3
@@ -233,15 +234,17 @@ def _keep_tail(path: Path, tail: int) -> None:
 class PruneReport:
     removed_checkouts: list[str] = field(default_factory=list)
     removed_images: list[str] = field(default_factory=list)
+    removed_networks: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
     @property
     def changed(self) -> bool:
-        return bool(self.removed_checkouts or self.removed_images)
+        return bool(self.removed_checkouts or self.removed_images or self.removed_networks)
 
 
 def prune_once(ctx: spaces.Context) -> PruneReport:
-    """Remove checkouts and untagged images no Space can use (rollback's revision is kept).
+    """Remove checkouts and untagged images no Space can use (rollback's revision is kept),
+    and the offline networks of Spaces that are gone.
 
     A Space with work under way (a build, a start) keeps its checkouts and images: the
     revision it is fetching or starting is in no row yet.
@@ -268,11 +271,26 @@ def prune_once(ctx: spaces.Context) -> PruneReport:
     for image_id, (owner, _tags) in images.items():
         if owner not in rows and _fresh_row(ctx, owner, report.errors) is None:
             _remove_images(ctx, owner, [image_id], report, force=True)  # its Space is gone
+    _prune_networks(ctx, rows, report)
     for space_id in rows:
         row = _fresh_row(ctx, space_id, report.errors)
         if row and row["stage"] not in stages.BUSY:
             _prune_images(ctx, row, images, report)
     return report
+
+
+def _prune_networks(ctx: spaces.Context, rows: dict, report: PruneReport) -> None:
+    # A Space's network outlives it only when its delete was cut short; the network all
+    # offline Spaces once shared names no Space, and goes once its last container has.
+    try:
+        networks = ctx.runtime.labelled_networks(ROLE_OFFLINE_NETWORK)
+        for name, owner in networks.items():
+            if owner in rows or (owner and _fresh_row(ctx, owner, report.errors)):
+                continue
+            if ctx.runtime.remove_network(name):
+                report.removed_networks.append(name)
+    except ApplianceError as exc:
+        report.errors.append(f"cannot prune networks: {exc.message}")
 
 
 def _fresh_row(ctx: spaces.Context, space_id: str, errors: list[str]) -> dict[str, Any] | None:

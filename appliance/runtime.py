@@ -27,9 +27,11 @@ LABEL_REVISION = "appliance.revision"
 LABEL_ROLE = "appliance.role"
 LABEL_INSTANCE = "appliance.instance"
 DEFAULT_DATA_DIR = "/var/lib/appliance"
-# The network of offline Spaces (from a bundle): internal, so its containers get no route
-# out, while rootlessport still publishes their port on the host's 127.0.0.1.
-OFFLINE_NETWORK = "appliance-offline"
+# Offline Spaces (from a bundle) each run on an internal network of their own: no route out,
+# no way to another Space, while rootlessport still publishes their port on 127.0.0.1.
+# (Before, they shared one, "appliance-offline", with the same role and no Space label:
+# housekeeping removes it as an orphan once nothing runs on it.)
+ROLE_OFFLINE_NETWORK = "offline-network"
 
 
 @dataclass(frozen=True)
@@ -286,13 +288,14 @@ class Runtime:
         command: list[str] | None = None,
         devices: list[str] | None = None,
         memory_limit_mib: int | None = None,
-        offline: bool = False,
+        network: str | None = None,
     ) -> str:
         """Create and start a hardened container publishing container_port on 127.0.0.1.
 
         devices are CDI names (nvidia.com/gpu=0); memory_limit_mib overrides the Space
-        default (a Jetson GPU budget is system memory). offline puts it on the internal
-        OFFLINE_NETWORK: no outbound connection at all, its port still published.
+        default (a Jetson GPU budget is system memory). network puts it on that Podman network
+        (an internal one from ensure_internal_network: no connection out at all, its port
+        still published) instead of its own slirp4netns.
         """
         self.remove_container(name)
         kwargs: dict[str, Any] = dict(
@@ -311,9 +314,8 @@ class Runtime:
         )
         if command:
             kwargs["command"] = command
-        if offline:
-            kwargs.update(network_mode="bridge",
-                          networks={self.ensure_offline_network(): {}})
+        if network:
+            kwargs.update(network_mode="bridge", networks={network: {}})
         if devices:
             kwargs["devices"] = devices
         if enforce_limits:
@@ -334,7 +336,7 @@ class Runtime:
             self.remove_container(name)
             if "address already in use" in text:
                 raise PortInUse(host_port) from None
-            if offline and "network not found" in text:
+            if network and "network not found" in text:
                 # Podman 4.3 mounts an empty folder over /var/lib in its rootless network
                 # namespace when /var/lib/cni is missing, hiding the network configs kept
                 # under a home in /var/lib (the service account's /var/lib/appliance).
@@ -346,34 +348,57 @@ class Runtime:
             raise RuntimeUnavailable(f"Podman could not start {name}: {text}") from None
         return container.id
 
-    def ensure_offline_network(self) -> str:
-        """Create the internal network of offline Spaces unless it exists; return its name.
+    def ensure_internal_network(self, name: str, labels: dict[str, str]) -> str:
+        """Create an internal network unless it exists (labelled, with this instance); return
+        its name.
 
-        One network for every instance sharing this Podman (each rootless network takes a
-        subnet); it is labelled with the instance that made it. Name resolution is off:
-        aardvark-dns would forward queries for outside names, a way out.
+        Internal: its containers have no route out of it. Name resolution is off: aardvark-dns
+        would forward queries for outside names, a way out.
         """
         try:
-            if not self.client.networks.exists(OFFLINE_NETWORK):
+            if not self.client.networks.exists(name):
                 try:
                     self.client.networks.create(
-                        OFFLINE_NETWORK, internal=True, dns_enabled=False,
-                        labels={LABEL_ROLE: "offline-network",
-                                LABEL_INSTANCE: self.config.instance_id})
+                        name, internal=True, dns_enabled=False,
+                        labels={**labels, LABEL_INSTANCE: self.config.instance_id})
                 except podman.errors.APIError as exc:  # made meanwhile by another process
                     if "already exists" not in _api_error_text(exc):
                         raise
-            attrs = self.client.networks.get(OFFLINE_NETWORK).attrs
+            attrs = self.client.networks.get(name).attrs
         except (podman.errors.APIError, requests.RequestException) as exc:
-            raise RuntimeUnavailable(f"Cannot create the network {OFFLINE_NETWORK}: "
+            raise RuntimeUnavailable(f"Cannot create the network {name}: "
                                      f"{_api_error_text(exc)}") from None
         if not attrs.get("internal") or attrs.get("dns_enabled"):
             raise RuntimeUnavailable(
-                f"The Podman network {OFFLINE_NETWORK} is not internal, or resolves names, so "
-                "offline Spaces would reach the outside through it",
-                hint=f"remove it ('podman network rm {OFFLINE_NETWORK}' as the service "
-                "account, once no container uses it); the appliance makes it again")
-        return OFFLINE_NETWORK
+                f"The Podman network {name} is not internal, or resolves names, so the Space "
+                "would reach the outside through it",
+                hint=f"remove it ('podman network rm {name}' as the service account, once no "
+                "container uses it); the appliance makes it again")
+        return name
+
+    def remove_network(self, name: str) -> bool:
+        """Remove a network; False when a container still uses it. A missing one is fine."""
+        try:
+            self.client.networks.remove(name)
+        except podman.errors.NotFound:
+            pass
+        except (podman.errors.APIError, requests.RequestException) as exc:
+            text = _api_error_text(exc)
+            if "not found" in text or "no such network" in text:
+                return True
+            if "in use" in text or "associated containers" in text:
+                return False
+            raise RuntimeUnavailable(f"Cannot remove the network {name}: {text}") from None
+        return True
+
+    def labelled_networks(self, role: str) -> dict[str, str]:
+        """Map the name of each network of this instance with that role to its Space."""
+        try:
+            found = self.client.networks.list(filters={"label": f"{LABEL_ROLE}={role}"})
+        except (podman.errors.APIError, requests.RequestException) as exc:
+            raise RuntimeUnavailable(f"Cannot list networks: {_api_error_text(exc)}") from None
+        return {network.name: labels.get(LABEL_SPACE, "") for network in found
+                if self._ours(labels := network.attrs.get("labels") or {})}
 
     def _find(self, name: str):
         """Return the named container, or None when there is none."""

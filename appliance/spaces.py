@@ -29,7 +29,14 @@ from .errors import (
 )
 from .gpu import Inventory
 from .manifest import Manifest, load_manifest, parse_manifest
-from .runtime import LABEL_REVISION, LABEL_ROLE, LABEL_SPACE, PortInUse, Runtime
+from .runtime import (
+    LABEL_REVISION,
+    LABEL_ROLE,
+    LABEL_SPACE,
+    ROLE_OFFLINE_NETWORK,
+    PortInUse,
+    Runtime,
+)
 from .store import Store, open_store
 
 HF_CACHE_VOLUME = "appliance-hf-cache"
@@ -285,6 +292,11 @@ def data_volume(space_id: str) -> str:
     return builds.image_repository(space_id).split("/", 1)[1] + "-data"
 
 
+def offline_network(space_id: str) -> str:
+    """Name the internal network an offline Space runs on, alone."""
+    return builds.image_repository(space_id).split("/", 1)[1] + "-offline"
+
+
 def start_revision(ctx: Context, space_id: str, sha: str, image: str,
                    manifest: Manifest) -> dict[str, Any]:
     """Start image beside whatever serves, switch the route once it answers, retire the old."""
@@ -308,11 +320,15 @@ def start_revision(ctx: Context, space_id: str, sha: str, image: str,
         claim = gpus.claim(ctx, space_id, row["hardware"])
         env = {**_container_env(ctx, row, manifest), **claim.env}
         volumes = {data_volume(space_id): "/data"}
-        offline = env.get("HF_HUB_OFFLINE") == "1"
-        if offline:
+        network = None
+        if env.get("HF_HUB_OFFLINE") == "1":
             # An offline Space (one from a bundle) finds its models in the shared cache,
-            # which it reads and never writes, and runs with no way out to any network.
+            # which it reads and never writes, and runs with no way out to any network, nor
+            # to another Space: its internal network is its own.
             volumes[HF_CACHE_VOLUME] = f"{HF_HOME}:ro"
+            network = ctx.runtime.ensure_internal_network(
+                offline_network(space_id),
+                {LABEL_SPACE: space_id, LABEL_ROLE: ROLE_OFFLINE_NETWORK})
         for _ in range(3):
             backend = allocate_port(ctx, exclude={row["port"]})
             try:
@@ -320,7 +336,7 @@ def start_revision(ctx: Context, space_id: str, sha: str, image: str,
                     name, image, backend, container_port, env,
                     {LABEL_SPACE: space_id, LABEL_REVISION: sha, LABEL_ROLE: "app"},
                     volumes, enforce, devices=claim.devices,
-                    memory_limit_mib=claim.memory_limit_mib, offline=offline)
+                    memory_limit_mib=claim.memory_limit_mib, network=network)
                 break
             except PortInUse:
                 continue
@@ -610,6 +626,7 @@ def delete(ctx: Context, space_id: str, keep_data: bool = False) -> None:
         ctx.runtime.remove_container(container.name)
     for image_id in ctx.runtime.images_of(space_id):
         ctx.runtime.remove_image(image_id, force=True)
+    ctx.runtime.remove_network(offline_network(space_id))
     if not keep_data:
         ctx.runtime.remove_volume(data_volume(space_id))
     for path in space_paths(ctx, space_id):

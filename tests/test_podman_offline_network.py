@@ -1,7 +1,8 @@
-"""An offline Space (HF_HUB_OFFLINE=1, as a bundle import sets it) runs on the internal
-network appliance-offline: it answers on its published 127.0.0.1 port, yet cannot open a
-connection to anything outside, while a normal Space's container can (through slirp4netns)
-reach a listener on the host's own non-loopback address."""
+"""An offline Space (HF_HUB_OFFLINE=1, as a bundle import sets it) runs on an internal network
+of its own: it answers on its published 127.0.0.1 port, yet cannot open a connection to
+anything outside nor to another offline Space, while a normal Space's container can (through
+slirp4netns) reach a listener on the host's own non-loopback address. Deleting the Space
+removes its network; housekeeping removes the networks of Spaces that are gone."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import pytest
 import requests
 from conftest import as_service, make_space_repo
 
-from appliance import spaces, stages
-from appliance.runtime import OFFLINE_NETWORK
+from appliance import housekeeping, spaces, stages
+from appliance.runtime import LABEL_INSTANCE, LABEL_ROLE, LABEL_SPACE, ROLE_OFFLINE_NETWORK
 
 pytestmark = pytest.mark.podman
 
@@ -110,13 +111,14 @@ def test_offline_space_is_reachable_but_cannot_connect_out(appliance_env, listen
     reached = _connect(normal, host, port)
     assert reached.returncode == 0 and "connected" in reached.stdout, (
         f"a normal Space should reach {host}:{port}: {reached.stdout}{reached.stderr}")
-    assert OFFLINE_NETWORK not in _networks(normal)
+    assert list(_networks(normal)) in ([], ["slirp4netns"]), _networks(normal)
     seen = len(peers)
     assert seen >= 1
 
     url, offline = _deploy(ctx, sources_dir, "net/offline", offline=True)
-    assert list(_networks(offline)) == [OFFLINE_NETWORK]
-    inspected = json.loads(as_service("podman", "network", "inspect", OFFLINE_NETWORK).stdout)
+    network = spaces.offline_network("net/offline")
+    assert list(_networks(offline)) == [network]
+    inspected = json.loads(as_service("podman", "network", "inspect", network).stdout)
     assert inspected[0]["internal"] is True and inspected[0]["dns_enabled"] is False
     for target in [(host, port), ("1.1.1.1", 443), ("10.0.2.2", port)]:
         blocked = _connect(offline, *target)
@@ -124,8 +126,55 @@ def test_offline_space_is_reachable_but_cannot_connect_out(appliance_env, listen
             f"an offline Space connected to {target}: {blocked.stdout}{blocked.stderr}")
     assert len(peers) == seen, "the offline Space's connection reached the host listener"
 
+    # A second offline Space has a network of its own: neither reaches the other's app.
+    _, other = _deploy(ctx, sources_dir, "net/other", offline=True)
+    other_network = spaces.offline_network("net/other")
+    assert list(_networks(other)) == [other_network] and other_network != network
+    other_address = _networks(other)[other_network]["IPAddress"]
+    own_address = _networks(offline)[network]["IPAddress"]
+    assert _connect(other, other_address, 8000).returncode == 0, "the app listens on 8000"
+    blocked = _connect(offline, other_address, 8000)
+    assert blocked.returncode == 1 and "failed" in blocked.stdout, blocked.stdout
+    assert _connect(other, own_address, 8000).returncode == 1
+
     # Still served through its published port after a restart of the container.
     spaces.stop(ctx, "net/offline")
     _, view = spaces.start(ctx, "net/offline")
     assert view["stage"] == stages.RUNNING, view["error"]
     assert requests.get(url + "v.txt", timeout=5).text.strip() == "hello"
+
+    # Deleting a Space removes its network; the other keeps its own.
+    spaces.delete(ctx, "net/other")
+    assert as_service("podman", "network", "exists", other_network, check=False).returncode == 1
+    assert as_service("podman", "network", "exists", network, check=False).returncode == 0
+
+
+def test_housekeeping_removes_the_offline_networks_of_spaces_that_are_gone(appliance_env):
+    ctx, _ = appliance_env
+    instance = f"{LABEL_INSTANCE}={ctx.config.instance_id}"
+    role = f"{LABEL_ROLE}={ROLE_OFFLINE_NETWORK}"
+    made = {
+        # a Space deleted while its delete was cut short
+        "gone": ["--label", f"{LABEL_SPACE}=net/gone", "--label", instance],
+        # the network all offline Spaces shared before (no Space label)
+        "shared": ["--label", instance],
+        # another instance's: never touched
+        "foreign": ["--label", f"{LABEL_SPACE}=net/gone", "--label",
+                    f"{LABEL_INSTANCE}=someone-else"],
+    }
+    names = {key: f"test-{key}-{ctx.config.instance_id}" for key in made}
+    for key, labels in made.items():
+        as_service("podman", "network", "create", "--internal", "--label", role, *labels,
+                   names[key])
+    try:
+        report = housekeeping.prune_once(ctx)
+        assert sorted(report.removed_networks) == sorted([names["gone"], names["shared"]])
+        assert not report.errors, report.errors
+        for key in ("gone", "shared"):
+            assert as_service("podman", "network", "exists", names[key],
+                              check=False).returncode == 1
+        assert as_service("podman", "network", "exists", names["foreign"],
+                          check=False).returncode == 0
+    finally:
+        for name in names.values():
+            as_service("podman", "network", "rm", "-f", name, check=False)
