@@ -24,6 +24,7 @@ LAYERS = {
     "web_api": "edge",
     "web_hf": "edge",
     "web_proxy": "edge",
+    "web_upstream": "edge",
     "web_offline": "edge",
     "web_gpus": "edge",
     "web_server": "edge",

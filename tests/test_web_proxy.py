@@ -1021,7 +1021,7 @@ def test_a_change_to_a_space_reaches_the_proxy_within_moments(flask_app):
 
 
 def test_pooled_connections_are_reused_only_for_the_same_backend(apps):
-    from appliance.web_proxy import UpstreamPool
+    from appliance.web_upstream import UpstreamPool
 
     pool = UpstreamPool()
     port = apps["public"].port
@@ -1039,7 +1039,7 @@ def test_pooled_connections_are_reused_only_for_the_same_backend(apps):
 
 
 def test_idle_pooled_connections_are_reaped(apps):
-    from appliance.web_proxy import UpstreamPool
+    from appliance.web_upstream import UpstreamPool
 
     pool = UpstreamPool(idle_seconds=0.05)
     conn, _ = pool.get("127.0.0.1", apps["public"].port, backend=None)
@@ -1050,11 +1050,11 @@ def test_idle_pooled_connections_are_reaped(apps):
 
 
 def test_old_connections_are_retired_so_the_router_sees_the_space_in_use(apps, monkeypatch):
-    from appliance import web_proxy
+    from appliance import web_upstream
 
-    pool = web_proxy.UpstreamPool()
+    pool = web_upstream.UpstreamPool()
     conn, _ = pool.get("127.0.0.1", apps["public"].port, backend=None)
-    monkeypatch.setattr(web_proxy, "POOL_MAX_AGE_SECONDS", 0.0)
+    monkeypatch.setattr(web_upstream, "POOL_MAX_AGE_SECONDS", 0.0)
     pool.put("127.0.0.1", apps["public"].port, None, conn)
     assert conn.sock.fileno() == -1 and not pool.idle
 
