@@ -145,6 +145,13 @@ start_with_systemd() {
   local uid; uid="$(id -u "$SERVICE_USER")"
   say "Lingering and the Podman API socket (podman.socket) for $SERVICE_USER"
   loginctl enable-linger "$SERVICE_USER"
+  # scripts/setup.sh started the API service by hand (it also serves hosts without systemd);
+  # systemd takes the socket over from here: the hand-started service would otherwise live
+  # on, unreachable, once podman.socket binds the path. Containers belong to conmon, not to
+  # it: they keep running.
+  if ! systemctl --user -M "$SERVICE_USER@" is-active --quiet podman.socket 2>/dev/null; then
+    pkill -TERM -u "$uid" -f '^podman system service' 2>/dev/null || true
+  fi
   systemctl --user -M "$SERVICE_USER@" enable --now podman.socket
   note "unix:///run/user/$uid/podman/podman.sock"
   if [ "${UNITS_CHANGED:-0}" = 1 ]; then systemctl daemon-reload; fi
