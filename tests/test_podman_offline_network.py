@@ -178,3 +178,23 @@ def test_housekeeping_removes_the_offline_networks_of_spaces_that_are_gone(appli
     finally:
         for name in names.values():
             as_service("podman", "network", "rm", "-f", name, check=False)
+
+
+def test_an_offline_space_refuses_a_network_of_its_name_that_is_not_internal(appliance_env):
+    ctx, sources_dir = appliance_env
+    name = spaces.offline_network("net/leaky")
+    as_service("podman", "network", "create", name)  # a way out: not internal
+    try:
+        repo = make_space_repo(sources_dir / "net-leaky", FILES)
+        spaces.add_space(ctx, str(repo), name="net/leaky")
+        spaces.set_value(ctx, "variables", "net/leaky", "HF_HUB_OFFLINE", "1")
+        view = spaces.deploy(ctx, "net/leaky")
+        assert view["stage"] == stages.RUNTIME_ERROR
+        assert view["error"] == (
+            f"The Podman network {name} is not internal, or resolves names, so the Space "
+            f"would reach the outside through it — remove it ('podman network rm {name}' as "
+            "the service account, once no container uses it); the appliance makes it again")
+        assert ctx.runtime.containers("net/leaky") == []
+    finally:
+        spaces.delete(ctx, "net/leaky")
+        as_service("podman", "network", "rm", "-f", name, check=False)
