@@ -456,8 +456,9 @@ def _git_lfs_available() -> bool:
     return done.returncode == 0
 
 
-def _lfs_pointers(root: Path) -> dict[str, int]:
-    """Map each Git LFS pointer file (relative path) to the size of the content it stands for."""
+def _lfs_pointers(root: Path) -> dict[str, tuple[int, str]]:
+    """Map each Git LFS pointer file (relative path) to (the size of the content it stands
+    for, its sha256 oid)."""
     found = {}
     for path in _tree_files(root):
         info = path.lstat()
@@ -465,24 +466,41 @@ def _lfs_pointers(root: Path) -> dict[str, int]:
             data = path.read_bytes()
             if data.startswith(_LFS_MAGIC):
                 size = re.search(rb"^size (\d+)$", data, re.MULTILINE)
-                found[path.relative_to(root).as_posix()] = int(size[1]) if size else 0
+                oid = re.search(rb"^oid sha256:([0-9a-f]{64})$", data, re.MULTILINE)
+                found[path.relative_to(root).as_posix()] = (
+                    int(size[1]) if size else 0, oid[1].decode() if oid else "")
     return dict(sorted(found.items()))
+
+
+def _some(names: list[str]) -> str:
+    """Name up to ten files, then how many more."""
+    return ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
 
 
 def _fill_lfs(git: _Git, dest: Path, config) -> None:
     pointers = _lfs_pointers(dest)
     if not pointers:
         return
-    names = ", ".join(list(pointers)[:10]) + (
-        f" and {len(pointers) - 10} more" if len(pointers) > 10 else ""
-    )
     if not _git_lfs_available():
         raise SourceError(
-            f"{git.display} keeps files in Git LFS but git-lfs is not installed: {names}",
+            f"{git.display} keeps files in Git LFS but git-lfs is not installed: "
+            f"{_some(list(pointers))}",
             hint="install git-lfs (apt-get install git-lfs) and retry",
         )
-    _check_size(dest, config, git.display, extra=sum(pointers.values()))
-    git("-C", str(dest), "lfs", "pull")
+    _check_size(dest, config, git.display, extra=sum(size for size, _ in pointers.values()))
+    try:
+        git("-C", str(dest), "lfs", "pull")
+    except _GitFailed as exc:
+        said = "\n".join(exc.lines)
+        missing = [name for name, (_, oid) in pointers.items() if oid and oid in said]
+        if missing and "missing object" in said.lower():
+            raise SourceError(
+                f"{git.display} keeps files in Git LFS that its server does not have: "
+                f"{_some(missing)}",
+                hint="push them from a clone that has them ('git lfs push --all origin'), or "
+                "pick a revision whose LFS files were pushed",
+            ) from None
+        raise
 
 
 def _check_size(root: Path, config, display: str, extra: int = 0) -> None:

@@ -19,7 +19,7 @@ fi
 
 install_packages() {
   local pkgs=(podman uidmap slirp4netns fuse-overlayfs runc catatonit debootstrap python3 python3-venv
-              git ca-certificates iproute2 util-linux procps)
+              git git-lfs ca-certificates iproute2 util-linux procps)
   local missing=()
   for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -227,6 +227,17 @@ def fleet():
         shutil.rmtree(base, ignore_errors=True)
 
 
+def test_the_role_installs_the_packages_setup_installs():
+    """The role does what scripts/setup.sh does: the same apt packages."""
+    setup = (REPO / "scripts" / "setup.sh").read_text()
+    listed = re.search(r"local pkgs=\(([^)]*)\)", setup)
+    assert listed, "scripts/setup.sh no longer lists its packages in 'local pkgs=(...)'"
+    defaults = yaml.safe_load((REPO / "ansible" / "roles" / "appliance" / "defaults" /
+                               "main.yml").read_text())
+    assert defaults["appliance_packages"] == listed[1].split()
+    assert "git-lfs" in defaults["appliance_packages"]
+
+
 def test_the_role_and_playbooks_are_ansible_lint_clean():
     lint = BIN / "ansible-lint"
     if not lint.exists():

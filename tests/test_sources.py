@@ -1,5 +1,6 @@
 """Source parsing and fetching, against real git repositories made in tmp_path."""
 
+import hashlib
 import os
 import subprocess
 import time
@@ -519,6 +520,45 @@ def test_fetch_lfs_content_counts_towards_the_size_limit(repo, tmp_path, cfg, mo
     dest = tmp_path / "checkout"
     with pytest.raises(SourceError, match=r"is 5\.0 MiB, over the 1 MiB limit"):
         fetch(parse_source(str(repo), small), dest, None, small)
+    assert not dest.exists()
+
+
+def lfs_commit(repo: Path, files: dict[str, bytes]) -> str:
+    """Commit files through the real git-lfs: pointers in git, contents in .git/lfs."""
+    if subprocess.run(["git", "lfs", "version"], capture_output=True).returncode != 0:
+        pytest.fail("git-lfs is needed for the LFS tests: apt-get install git-lfs "
+                    "(scripts/setup.sh installs it)")
+    git(repo, "lfs", "install", "--local")
+    git(repo, "lfs", "track", "*.bin")
+    sha = commit(repo, files, "lfs")
+    assert git(repo, "show", f"HEAD:{next(iter(files))}").startswith(
+        "version https://git-lfs.github.com/spec/v1"), "committed as a pointer"
+    return sha
+
+
+def test_fetch_pulls_git_lfs_content(repo, tmp_path, cfg):
+    weights = os.urandom(300_000)
+    sha = lfs_commit(repo, {"model.bin": weights, "sub/more.bin": b"x" * 5000})
+    dest = tmp_path / "checkout"
+    assert fetch(parse_source(str(repo), cfg), dest, None, cfg) == sha
+    assert (dest / "model.bin").read_bytes() == weights
+    assert (dest / "sub" / "more.bin").read_bytes() == b"x" * 5000
+
+
+def test_fetch_of_lfs_content_missing_at_the_source_says_so(repo, tmp_path, cfg):
+    lfs_commit(repo, {"model.bin": os.urandom(2000), "kept.bin": b"k" * 3000})
+    kept = hashlib.sha256(b"k" * 3000).hexdigest()
+    for stored in (repo / ".git" / "lfs" / "objects").rglob("*"):
+        if stored.is_file() and stored.name != kept:
+            stored.unlink()  # pushed without its LFS object: the server does not have it
+    dest = tmp_path / "checkout"
+    with pytest.raises(SourceError) as caught:
+        fetch(parse_source(str(repo), cfg), dest, None, cfg)
+    assert caught.value.message == (
+        f"{repo} keeps files in Git LFS that its server does not have: model.bin")
+    assert caught.value.hint == (
+        "push them from a clone that has them ('git lfs push --all origin'), or pick a "
+        "revision whose LFS files were pushed")
     assert not dest.exists()
 
 
