@@ -161,11 +161,16 @@ def test_housekeeping_removes_the_offline_networks_of_spaces_that_are_gone(appli
         # another instance's: never touched
         "foreign": ["--label", f"{LABEL_SPACE}=net/gone", "--label",
                     f"{LABEL_INSTANCE}=someone-else"],
+        # the old shared one with a Space of an earlier version still running on it
+        "busy": ["--label", instance],
     }
     names = {key: f"test-{key}-{ctx.config.instance_id}" for key in made}
+    holder = f"test-holder-{ctx.config.instance_id}"
     for key, labels in made.items():
         as_service("podman", "network", "create", "--internal", "--label", role, *labels,
                    names[key])
+    as_service("podman", "run", "-d", "--name", holder, "--network", names["busy"],
+               "localhost/appliance-python:3.11", "sleep", "300")
     try:
         report = housekeeping.prune_once(ctx)
         assert sorted(report.removed_networks) == sorted([names["gone"], names["shared"]])
@@ -173,9 +178,14 @@ def test_housekeeping_removes_the_offline_networks_of_spaces_that_are_gone(appli
         for key in ("gone", "shared"):
             assert as_service("podman", "network", "exists", names[key],
                               check=False).returncode == 1
-        assert as_service("podman", "network", "exists", names["foreign"],
-                          check=False).returncode == 0
+        for key in ("foreign", "busy"):
+            assert as_service("podman", "network", "exists", names[key],
+                              check=False).returncode == 0
+        # Once nothing runs on it, the next pass takes it.
+        as_service("podman", "rm", "-f", "-t", "0", holder)
+        assert housekeeping.prune_once(ctx).removed_networks == [names["busy"]]
     finally:
+        as_service("podman", "rm", "-f", "-t", "0", holder, check=False)
         for name in names.values():
             as_service("podman", "network", "rm", "-f", name, check=False)
 
