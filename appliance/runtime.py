@@ -51,6 +51,12 @@ def _api_error_text(exc: Exception) -> str:
     return str(explanation or exc).strip()
 
 
+def _container_gone(exc: Exception) -> bool:
+    """Tell whether Podman failed because the container went meanwhile (another process
+    removed it between our lookup and our call: Podman answers 500, not 404, then)."""
+    return "no such container" in _api_error_text(exc)
+
+
 class Runtime:
     """The service account's Podman, reached over its API socket."""
 
@@ -407,6 +413,8 @@ class Runtime:
         except podman.errors.NotFound:
             return None
         except (podman.errors.APIError, requests.RequestException) as exc:
+            if _container_gone(exc):
+                return None
             raise RuntimeUnavailable(f"Podman at {self.url} failed: {exc}") from None
 
     def state(self, name: str) -> ContainerState | None:
@@ -452,6 +460,8 @@ class Runtime:
         except podman.errors.NotFound:
             pass
         except podman.errors.APIError as exc:
+            if _container_gone(exc):
+                return
             if "not running" not in _api_error_text(exc) and "stopped" not in str(exc):
                 raise RuntimeUnavailable(f"Could not stop {name}: {_api_error_text(exc)}"
                                          ) from None
@@ -468,6 +478,8 @@ class Runtime:
         except podman.errors.NotFound:
             pass
         except podman.errors.APIError as exc:
+            if _container_gone(exc):
+                return  # removed by another process meanwhile (a worker retiring it)
             raise RuntimeUnavailable(f"Could not remove {name}: {_api_error_text(exc)}") from None
 
     def containers(self, space_id: str | None = None) -> list[ContainerState]:
