@@ -485,8 +485,19 @@ class Runtime:
     def containers(self, space_id: str | None = None) -> list[ContainerState]:
         """List the appliance's containers (optionally one Space's), running or not."""
         label = f"{LABEL_SPACE}={space_id}" if space_id else LABEL_SPACE
-        # A list of label filters silently matches nothing on Podman 4.3: pass one string.
-        found = self.client.containers.list(all=True, filters={"label": label})
+        for attempt in range(3):
+            try:
+                # A list of label filters silently matches nothing on Podman 4.3: pass one
+                # string.
+                found = self.client.containers.list(all=True, filters={"label": label})
+                break
+            except (podman.errors.APIError, requests.RequestException) as exc:
+                # A container removed while Podman lists them fails the whole listing: ask
+                # again, it is gone by then.
+                if not _container_gone(exc) or attempt == 2:
+                    raise RuntimeUnavailable(
+                        f"Podman at {self.url} could not list the containers: "
+                        f"{_api_error_text(exc)}", hint="run 'appliance doctor'") from None
         return [
             ContainerState(name=c.name, status=_list_status(c.attrs), exit_code=None,
                            labels=c.labels or {})

@@ -40,6 +40,19 @@ class Containers:
         return Container(self.explanation)
 
 
+class Listing:
+    """Fails the first `failures` listings with the explanation, then lists nothing."""
+
+    def __init__(self, explanation: str, failures: int):
+        self.explanation, self.failures, self.calls = explanation, failures, 0
+
+    def list(self, **kwargs) -> list:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise podman.errors.APIError("500 Server Error", explanation=self.explanation)
+        return []
+
+
 class Client:
     def __init__(self, explanation: str):
         self.containers = Containers(explanation)
@@ -67,3 +80,19 @@ def test_other_removal_failures_still_say_what_went_wrong(tmp_path):
     with pytest.raises(RuntimeUnavailable) as caught:
         runtime(tmp_path, "device or resource busy").remove_container("space-zz-x")
     assert caught.value.message == "Could not remove space-zz-x: device or resource busy"
+
+
+def test_a_listing_that_meets_a_removal_is_asked_again(tmp_path):
+    made = runtime(tmp_path, GONE)
+    made._client.containers = Listing(GONE, failures=2)
+    assert made.containers("zz/hfdemo") == []
+    assert made._client.containers.calls == 3
+
+
+def test_a_listing_that_keeps_failing_says_so(tmp_path):
+    made = runtime(tmp_path, GONE)
+    made._client.containers = Listing("database is locked", failures=1)
+    with pytest.raises(RuntimeUnavailable) as caught:
+        made.containers()
+    assert caught.value.message.endswith("could not list the containers: database is locked")
+    assert caught.value.hint == "run 'appliance doctor'"
