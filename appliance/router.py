@@ -32,6 +32,7 @@ from .config import SETTINGS, Config
 from .store import Store
 
 POLL_SECONDS = 0.05
+LISTEN_RETRY_SECONDS = 5.0  # a port another program held is tried again this often
 WAKING_BODY = (
     b"<!doctype html><html><head><meta charset=utf-8><meta http-equiv=refresh content=2>"
     b"<title>Waking up</title></head><body style='font-family:sans-serif;text-align:center;"
@@ -81,6 +82,7 @@ class Router:
         self.servers: dict[int, Listener] = {}
         self.connections: dict[int, int] = {}
         self.errors: dict[int, str] = {}
+        self.failed_at: dict[int, float] = {}  # when listening on an errored port last failed
         self.sleeping: set[int] = set()
         self.last_seen: dict[int, str] = {}
         self.open: dict[int, int] = {}  # open connections per Space port
@@ -152,16 +154,26 @@ class Router:
                 self.servers.pop(port).close()
                 self.routes.pop(port, None)
                 self._dirty = True
+        for port in [p for p in self.errors if p not in wanted]:
+            del self.errors[port], self.failed_at[port]
+            self._dirty = True
+        now = time.monotonic()
         for port, backend in wanted.items():
-            if port not in self.servers and port not in self.errors:
+            # A port another program held is tried again now and then: it may have let go.
+            if port not in self.servers and (
+                    port not in self.errors
+                    or now - self.failed_at[port] >= LISTEN_RETRY_SECONDS):
                 try:
                     sockets = _listen(self.config.router_host, port)
                 except OSError as exc:
                     self.errors[port] = f"cannot listen on {self.config.router_host}:{port}: " \
                                         f"{exc.strerror}"
+                    self.failed_at[port] = now
                 else:
                     self.servers[port] = Listener(sockets, [
                         asyncio.create_task(self._accept(port, sock)) for sock in sockets])
+                    self.errors.pop(port, None)
+                    self.failed_at.pop(port, None)
                 self._dirty = True
             if self.routes.get(port, -1) != backend:
                 self.routes[port] = backend

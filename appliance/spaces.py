@@ -317,6 +317,9 @@ def start_revision(ctx: Context, space_id: str, sha: str, image: str,
     container_port = manifest.container_port
     backend = None
     try:
+        # The router listens on the Space's port before the Space can be RUNNING, so that a
+        # visitor who sees RUNNING is never refused (a first deploy may start the router).
+        router.wait_route(ctx.config, row["port"], row["backend_port"])
         claim = gpus.claim(ctx, space_id, row["hardware"])
         env = {**_container_env(ctx, row, manifest), **claim.env}
         volumes = {data_volume(space_id): "/data"}

@@ -73,6 +73,9 @@ SPLICE_BODY = 128 * 1024
 SMALL_BODY = 64 * 1024  # request bodies up to this are read first, sent with the head, replayable
 REWRITE_LIMIT = 2 << 20  # web_offline.rewrite sees text/html and text/css up to this size
 HANDSHAKE_TIMEOUT = 60.0
+# A Space's port that refuses a connection is tried again for this long before the 502: the
+# router is starting (a Space's first deploy) or being restarted, which takes a moment.
+REFUSED_GRACE_SECONDS = 2.0
 CACHED_ROWS = 512  # Space rows (and slugs) a thread keeps between requests
 # Each system call a request makes lets the worker's other threads take the GIL, and with
 # dozens of threads every hand-off costs more CPU than the call itself; so whether the
@@ -417,7 +420,7 @@ class SpaceProxy:
         host, port, backend = self.router_host, row["port"], row["backend_port"]
         for attempt in range(2):
             try:
-                conn, reused = self.pool.get(host, port, backend, fresh=not replayable)
+                conn, reused = self.connect(host, port, backend, fresh=not replayable)
             except OSError as exc:
                 return self.unreachable(environ, start_response, row, exc)
             try:
@@ -512,6 +515,18 @@ class SpaceProxy:
             else:
                 conn.close()
 
+    def connect(self, host: str, port: int, backend: Any, fresh: bool) -> tuple[Upstream, bool]:
+        """The pool's connection to a Space's port, trying a refused one again for
+        REFUSED_GRACE_SECONDS before giving up (OSError)."""
+        deadline = time.monotonic() + REFUSED_GRACE_SECONDS
+        while True:
+            try:
+                return self.pool.get(host, port, backend, fresh=fresh)
+            except ConnectionRefusedError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.1)
+
     def _finish(self, host: str, port: int, backend: Any, conn: Upstream) -> None:
         if conn.reusable:
             self.pool.put(host, port, backend, conn)
@@ -544,7 +559,8 @@ class SpaceProxy:
             return self.page(environ, start_response, 501,
                              "WebSockets need the portal as 'appliance serve' runs it", None)
         try:
-            conn = Upstream(self.router_host, row["port"])
+            conn, _ = self.connect(self.router_host, row["port"], row["backend_port"],
+                                   fresh=True)
         except OSError as exc:
             return self.unreachable(environ, start_response, row, exc)
         headers += [("Connection", "Upgrade"), ("Upgrade", environ["HTTP_UPGRADE"])]

@@ -8,8 +8,6 @@ import http.client
 import os
 import random
 import socket
-import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,6 +19,7 @@ import pytest
 
 from appliance import router
 from appliance.config import load_config
+from appliance.errors import RuntimeUnavailable
 from appliance.store import open_store
 
 
@@ -41,9 +40,9 @@ def test_a_long_lived_connection_counts_as_use_at_every_flush(tmp_path):
                         "stage": "RUNNING", "port": port, "hardware": "cpu",
                         "desired": "running", "backend_port": backend.getsockname()[1],
                         "container": "c"}, "test")
-    env = {**os.environ, "APPLIANCE_DATA_DIR": str(config.data_path),
-           "APPLIANCE_CONFIG_FILE": "/nonexistent"}
-    process = subprocess.Popen([sys.executable, "-m", "appliance.cli", "router"], env=env)
+    # Started as the services start it (wait_route would start a second one otherwise,
+    # if the first had not written its pid yet).
+    router.ensure_router(config)
     try:
         router.wait_route(config, port, backend.getsockname()[1], timeout=10)
         client = socket.create_connection(("127.0.0.1", port))  # a WebSocket, say: no bytes
@@ -62,9 +61,44 @@ def test_a_long_lived_connection_counts_as_use_at_every_flush(tmp_path):
         time.sleep(router.FLUSH_SECONDS + 1)
         assert store.get_space("lab/ws")["last_request_at"] == closed_at, "idle must stay idle"
     finally:
-        process.terminate()
-        process.wait(10)
+        router.stop_router(config)
         backend.close()
+
+
+def test_a_port_another_program_held_is_served_once_it_lets_go(tmp_path):
+    config = load_config({}, data_dir=str(tmp_path / "data"))
+    backend = socket.create_server(("127.0.0.1", 0))
+    holder = socket.create_server(("127.0.0.1", 0))  # another program on the Space's port
+    port = holder.getsockname()[1]
+    store = open_store(config.db_path)
+    store.insert_space({"id": "lab/held", "source": "/s", "source_display": "/s",
+                        "stage": "RUNNING", "port": port, "hardware": "cpu",
+                        "desired": "running", "backend_port": backend.getsockname()[1],
+                        "container": "c"}, "test")
+    # Started as the services start it (wait_route would start a second one otherwise,
+    # if the first had not written its pid yet).
+    router.ensure_router(config)
+    try:
+        with pytest.raises(RuntimeUnavailable) as caught:
+            router.wait_route(config, port, backend.getsockname()[1], timeout=10)
+        assert caught.value.message == (
+            f"The router cannot listen on 127.0.0.1:{port}: Address already in use")
+        assert caught.value.hint == (
+            "another program holds that port; stop it or narrow APPLIANCE_PORT_RANGE")
+        holder.close()
+        deadline = time.monotonic() + router.LISTEN_RETRY_SECONDS + 5
+        while str(port) in router.read_state(config).get("errors", {}):
+            assert time.monotonic() < deadline, "the router never tried the port again"
+            time.sleep(0.1)
+        router.wait_route(config, port, backend.getsockname()[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            relayed, _ = backend.accept()  # the router passed the visitor on to the app
+            relayed.close()
+    finally:
+        router.stop_router(config)
+        backend.close()
+        holder.close()
+        store.close()
 
 
 # -- relaying bytes ---------------------------------------------------------------------------

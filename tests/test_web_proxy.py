@@ -260,8 +260,8 @@ class AppServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128
 
-    def __init__(self):
-        super().__init__(("127.0.0.1", 0), SpaceApp)
+    def __init__(self, port: int = 0):
+        super().__init__(("127.0.0.1", port), SpaceApp)
         self.lock = threading.Lock()
         self.connections = 0
         self.streaming = 0  # bodies being sent by /bytes and /short now
@@ -372,6 +372,8 @@ def portal(tmp_path_factory, apps):
             "cross-origin-embedder-policy": "require-corp",
             "Cross-Origin-Opener-Policy": "same-origin", "x-not-allowed": "1"}})), "test")
     store.insert_space(space_row("alice/down", free_port()), "test")
+    late_port = free_port()
+    store.insert_space(space_row("alice/late", late_port), "test")
     store.insert_space(space_row("alice/asleep", free_port(), stage="STOPPED",
                                  desired="stopped"), "test")
     users.add_user(store, "admin", "admin", PASSWORD, "test")
@@ -380,6 +382,7 @@ def portal(tmp_path_factory, apps):
     store.close()
     running = Portal(tmp)
     running.token = token
+    running.late_port = late_port
     yield running
     running.stop()
 
@@ -857,6 +860,30 @@ def test_an_app_that_does_not_answer_gets_a_502_page_saying_what_to_do(portal):
     assert "Space alice/down is not answering" in response.text
     assert "restart it from its page" in response.text
     assert "/spaces/alice/down" in response.text
+
+
+def test_a_port_that_listens_a_moment_later_is_waited_for_not_a_502(portal):
+    # The router starting (a Space's first deploy) or restarting: nothing listens on the
+    # Space's port for a moment, and a visitor arriving then must not get a 502.
+    late: list[AppServer] = []
+
+    def listen_later() -> None:
+        time.sleep(0.8)
+        server = AppServer(port=portal.late_port)
+        late.append(server)
+
+    threading.Thread(target=listen_later, daemon=True).start()
+    began = time.monotonic()
+    try:
+        response = get(portal, "/s/alice--late/")
+        assert response.status_code == 200, response.text
+        assert response.json()["target"] == "/"
+        assert time.monotonic() - began >= 0.7
+    finally:
+        while not late:
+            time.sleep(0.05)
+        late[0].shutdown()
+        late[0].server_close()
 
 
 def test_a_stopped_space_gets_a_503_page_saying_to_start_it(portal):
