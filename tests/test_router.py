@@ -29,20 +29,25 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def routed_space(config, space_id: str, port: int, backend: int):
+    """Record a running Space on port served by backend, and start the router as the services
+    do (wait_route would start a second one if the first had not written its pid yet)."""
+    store = open_store(config.db_path)
+    store.insert_space({"id": space_id, "source": "/s", "source_display": "/s",
+                        "stage": "RUNNING", "port": port, "hardware": "cpu",
+                        "desired": "running", "backend_port": backend, "container": "c"},
+                       "test")
+    router.ensure_router(config)
+    return store
+
+
 def test_a_long_lived_connection_counts_as_use_at_every_flush(tmp_path):
     config = load_config({}, data_dir=str(tmp_path / "data"))
     backend = socket.create_server(("127.0.0.1", 0))
     held = []
     threading.Thread(target=lambda: held.append(backend.accept()), daemon=True).start()
     port = free_port()
-    store = open_store(config.db_path)
-    store.insert_space({"id": "lab/ws", "source": "/s", "source_display": "/s",
-                        "stage": "RUNNING", "port": port, "hardware": "cpu",
-                        "desired": "running", "backend_port": backend.getsockname()[1],
-                        "container": "c"}, "test")
-    # Started as the services start it (wait_route would start a second one otherwise,
-    # if the first had not written its pid yet).
-    router.ensure_router(config)
+    store = routed_space(config, "lab/ws", port, backend.getsockname()[1])
     try:
         router.wait_route(config, port, backend.getsockname()[1], timeout=10)
         client = socket.create_connection(("127.0.0.1", port))  # a WebSocket, say: no bytes
@@ -70,14 +75,7 @@ def test_a_port_another_program_held_is_served_once_it_lets_go(tmp_path):
     backend = socket.create_server(("127.0.0.1", 0))
     holder = socket.create_server(("127.0.0.1", 0))  # another program on the Space's port
     port = holder.getsockname()[1]
-    store = open_store(config.db_path)
-    store.insert_space({"id": "lab/held", "source": "/s", "source_display": "/s",
-                        "stage": "RUNNING", "port": port, "hardware": "cpu",
-                        "desired": "running", "backend_port": backend.getsockname()[1],
-                        "container": "c"}, "test")
-    # Started as the services start it (wait_route would start a second one otherwise,
-    # if the first had not written its pid yet).
-    router.ensure_router(config)
+    store = routed_space(config, "lab/held", port, backend.getsockname()[1])
     try:
         with pytest.raises(RuntimeUnavailable) as caught:
             router.wait_route(config, port, backend.getsockname()[1], timeout=10)
