@@ -96,3 +96,28 @@ def test_a_listing_that_keeps_failing_says_so(tmp_path):
         made.containers()
     assert caught.value.message.endswith("could not list the containers: database is locked")
     assert caught.value.hint == "run 'appliance doctor'"
+
+
+class Networks:
+    def __init__(self, explanation: str):
+        self.explanation = explanation
+
+    def remove(self, name: str) -> None:
+        raise podman.errors.APIError("500 Server Error", explanation=self.explanation)
+
+
+def test_a_network_a_container_still_uses_is_kept_not_an_error(tmp_path):
+    made = runtime(tmp_path, GONE)
+    made._client.networks = Networks(
+        '"appliance-offline" has associated containers with it. Use -f to forcibly delete '
+        "containers and pods: network is being used")
+    assert made.remove_network("appliance-offline") is False
+
+
+def test_a_network_that_cannot_be_removed_says_why(tmp_path):
+    made = runtime(tmp_path, GONE)
+    made._client.networks = Networks("error removing bridge cni-podman7: permission denied")
+    with pytest.raises(RuntimeUnavailable) as caught:
+        made.remove_network("space-a-b-1234-offline")
+    assert caught.value.message == ("Cannot remove the network space-a-b-1234-offline: error "
+                                    "removing bridge cni-podman7: permission denied")
