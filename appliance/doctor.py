@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import host
+from .adapters import host
 from .config import Config
 from .errors import ApplianceError
 

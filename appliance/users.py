@@ -11,8 +11,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from .adapters.store import Store
 from .errors import InvalidInput, NotFound, TooManyAttempts, Unauthorized
-from .store import Store
 
 ROLES = ("admin", "member", "viewer")
 SCOPES = ("read", "write")

@@ -26,8 +26,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from appliance.allocation import Allocation, admit, parse_hardware  # noqa: E402
-from appliance.gpu import Gpu, Inventory, MigDevice  # noqa: E402
+from appliance.gpu.allocation import Allocation, admit, parse_hardware  # noqa: E402
+from appliance.gpu.nvml import Gpu, Inventory, MigDevice  # noqa: E402
 
 TARGET_MS = 1.0
 RESULTS = REPO_ROOT / "bench" / "results" / "admission.json"

@@ -31,8 +31,9 @@ import requests
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from appliance import bundles, router, spaces  # noqa: E402
+from appliance.adapters import router  # noqa: E402
 from appliance.config import load_config  # noqa: E402
+from appliance.core import bundles, spaces  # noqa: E402
 
 EXAMPLE = REPO_ROOT / "examples" / "hello-gradio"
 STATIC = {"README.md": "---\ntitle: Static bench\nsdk: static\n---\n",

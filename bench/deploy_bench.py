@@ -36,9 +36,10 @@ import requests
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from appliance import builds, router, sources, spaces  # noqa: E402
+from appliance.adapters import router  # noqa: E402
 from appliance.config import Config, load_config  # noqa: E402
-from appliance.manifest import load_manifest  # noqa: E402
+from appliance.core import builds, sources, spaces  # noqa: E402
+from appliance.core.manifest import load_manifest  # noqa: E402
 
 EXAMPLE = REPO_ROOT / "examples" / "hello-gradio"
 BASE_IMAGE = "localhost/appliance-python:3.11"

@@ -47,8 +47,9 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from appliance import spaces, telemetry  # noqa: E402
 from appliance.config import load_config  # noqa: E402
+from appliance.core import spaces  # noqa: E402
+from appliance.gpu import telemetry  # noqa: E402
 
 FAKE_SOURCE = REPO_ROOT / "tests" / "nvml_fake" / "fake_nvml.c"
 RESULTS = REPO_ROOT / "bench" / "results" / "gpu_telemetry.json"
@@ -61,9 +62,10 @@ DAY = 86400
 # Run in the child: pynvml loads libnvidia-ml.so.1 once per process, from LD_LIBRARY_PATH.
 CHILD = r"""
 import json, sys, time
-from appliance import gpu, spaces, telemetry
+from appliance.adapters.runtime import LABEL_SPACE, ContainerState
 from appliance.config import load_config
-from appliance.runtime import LABEL_SPACE, ContainerState
+from appliance.core import spaces
+from appliance.gpu import nvml, telemetry
 
 data_dir, samples, inits = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
 
@@ -92,14 +94,14 @@ def cpu_ms(step):
 
 first = telemetry.sample_once(ctx)
 assert first.gpus == 8 and not first.errors, first
-seen = gpu.read_inventory()
+seen = nvml.read_inventory()
 for _ in range(10):  # warm up
     telemetry.sample_once(ctx)
 # Round robin, so that the whole and its parts meet the same noise from the rest of the box.
 sample, inventory, given, wall = [], [], [], []
 for _ in range(samples):
     sample.append(cpu_ms(lambda: telemetry.sample_once(ctx)))
-    inventory.append(cpu_ms(gpu.read_inventory))
+    inventory.append(cpu_ms(nvml.read_inventory))
     given.append(cpu_ms(lambda: telemetry.sample_once(ctx, seen)))
     start = time.perf_counter()
     telemetry.sample_once(ctx)

@@ -47,9 +47,9 @@ from urllib.parse import parse_qs, urlsplit
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from appliance import router  # noqa: E402
+from appliance.adapters import router  # noqa: E402
+from appliance.adapters.store import open_store  # noqa: E402
 from appliance.config import load_config  # noqa: E402
-from appliance.store import open_store  # noqa: E402
 
 TARGETS = {"added_p50_ms": 1.0, "throughput_ratio": 0.7, "home_p95_ms": 50.0,
            "idle_memory_mib": 80.0}

@@ -37,11 +37,13 @@ import requests
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from appliance import builds, health, jobs, reconcile, router, scheduler, spaces  # noqa: E402
+from appliance.adapters import router  # noqa: E402
+from appliance.adapters.runtime import LABEL_INSTANCE  # noqa: E402
 from appliance.config import Config, load_config  # noqa: E402
+from appliance.core import builds, jobs, spaces  # noqa: E402
+from appliance.core.manifest import load_manifest  # noqa: E402
 from appliance.errors import ApplianceError  # noqa: E402
-from appliance.manifest import load_manifest  # noqa: E402
-from appliance.runtime import LABEL_INSTANCE  # noqa: E402
+from appliance.upkeep import health, reconcile, scheduler  # noqa: E402
 
 BASE_IMAGE = "localhost/appliance-python:3.11"
 PORT_RANGE = "18300-18599"  # integration tests own 17000-17999, the deploy bench 18000-18199

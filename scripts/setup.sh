@@ -144,7 +144,10 @@ install_venv() {
     /usr/bin/python3 -m venv "$PREFIX/venv"
   fi
   local stamp="$PREFIX/venv/.appliance-src"
-  local digest; digest="$(cd "$REPO" && cat pyproject.toml $(find appliance -name '*.py' | sort) | sha256sum | cut -c1-16)"
+  # Every file of the package counts, by path and content: templates and static files too, and a
+  # file that only moved (a module moving to a subpackage must reinstall).
+  local digest; digest="$(cd "$REPO" && { cat pyproject.toml; find appliance -type f ! -name '*.pyc' \
+    ! -path '*/__pycache__/*' -print0 | sort -z | xargs -0 sha256sum; } | sha256sum | cut -c1-16)"
   if [ "$(cat "$stamp" 2>/dev/null)" != "$digest" ]; then
     say "Installing the appliance into $PREFIX/venv"
     local tmp; tmp="$(mktemp -d)"

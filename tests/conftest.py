@@ -71,8 +71,8 @@ def as_service(*command: str, check: bool = True) -> subprocess.CompletedProcess
 @pytest.fixture(scope="session")
 def podman_ready() -> None:
     """Fail (not skip) when rootless Podman is not set up: scripts/test.sh sets it up."""
+    from appliance.adapters.runtime import Runtime
     from appliance.config import load_config
-    from appliance.runtime import Runtime
 
     Runtime(load_config({})).info()
 
@@ -80,8 +80,9 @@ def podman_ready() -> None:
 @pytest.fixture(scope="module")
 def appliance_env(tmp_path_factory, podman_ready):
     """A fresh data dir and Space sources dir, and a context on the real Podman."""
-    from appliance import router, spaces
+    from appliance.adapters import router
     from appliance.config import load_config
+    from appliance.core import spaces
 
     root = tmp_path_factory.mktemp("appliance")
     sources_dir = root / "sources"

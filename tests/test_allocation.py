@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from appliance.allocation import (
+from appliance.errors import InvalidInput
+from appliance.gpu.allocation import (
     Allocation,
     Decision,
     HardwareRequest,
@@ -17,8 +18,7 @@ from appliance.allocation import (
     reconcile_allocations,
     suggested_budget_mib,
 )
-from appliance.errors import InvalidInput
-from appliance.gpu import Gpu, Inventory, MigDevice
+from appliance.gpu.nvml import Gpu, Inventory, MigDevice
 
 
 def gpu(index: int, memory: int | None = 40960, name: str = "NVIDIA A100-SXM4-40GB",

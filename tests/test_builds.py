@@ -10,8 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from appliance import builds
-from appliance.builds import (
+from appliance.config import load_config
+from appliance.core import builds
+from appliance.core.builds import (
     BuildLog,
     build_env,
     choose_python,
@@ -21,9 +22,8 @@ from appliance.builds import (
     sdk_image_plan,
     space_image_plan,
 )
-from appliance.config import load_config
+from appliance.core.manifest import Manifest, parse_manifest
 from appliance.errors import BuildFailed, InvalidInput
-from appliance.manifest import Manifest, parse_manifest
 
 SDK_IMAGE = "localhost/appliance-sdk:gradio-5.9.1-py3.11-0123abcd"
 BASE_IMAGE = "localhost/appliance-python:3.11"

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from appliance import bundles, spaces
-from appliance.cli_bundle import bundle_group
+from appliance.cli.bundle import bundle_group
 from appliance.config import load_config
+from appliance.core import bundles, spaces
 from appliance.errors import InvalidInput, NotFound
 
 KEY = b"a-shared-key-of-enough-length-123"

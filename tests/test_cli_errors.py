@@ -11,9 +11,10 @@ import click
 import pytest
 from click.testing import CliRunner
 
-import appliance.cli as cli_module
-from appliance import doctor, jobs
-from appliance.cli import cli
+import appliance.cli.main as cli_module
+from appliance import doctor
+from appliance.cli.main import cli
+from appliance.core import jobs
 
 FORMS_HINT = (
     "Hint: give hf://spaces/owner/name, an https:// or ssh git URL (git@host:owner/name.git), "

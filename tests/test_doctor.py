@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance import doctor, host
+from appliance import doctor
+from appliance.adapters import host
 from appliance.config import load_config
 from appliance.errors import RuntimeUnavailable
 

@@ -17,7 +17,7 @@ import pytest
 READ = (
     "import json, sys\n"
     "from pathlib import Path\n"
-    "from appliance.gpu import read_inventory\n"
+    "from appliance.gpu.nvml import read_inventory\n"
     "print(json.dumps(read_inventory(Path(sys.argv[1])).to_dict()))\n"
 )
 
@@ -319,7 +319,7 @@ def test_gpus_list_command_prints_the_fake_inventory(fake_nvml, tmp_path):
         'gpu index=0 name="NVIDIA L4" uuid=GPU-aaaa mem_total_mib=23034 mem_used_mib=512 '
         "util_gpu=7 util_mem=1 temp_c=40 power_mw=16000 mig=0\n"
         "process gpu=0 pid=4242 used_mib=500\n")
-    code = "from appliance.cli import cli; cli(obj={})"
+    code = "from appliance.cli.main import cli; cli(obj={})"
     text = run_python(fake_nvml, config, code, "gpus", "list")
     assert "driver 550.54.15, CUDA 12.4" in text
     assert "NVIDIA L4" in text and "512/23034 MiB" in text and "1 processes" in text

@@ -10,12 +10,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from click.testing import CliRunner
 
-from appliance import health
-from appliance.cli import cli
+from appliance.adapters.store import open_store
+from appliance.cli.main import cli
 from appliance.config import load_config
+from appliance.core.spaces import Context
 from appliance.errors import InvalidInput
-from appliance.spaces import Context
-from appliance.store import open_store
+from appliance.upkeep import health
 
 
 class App(BaseHTTPRequestHandler):

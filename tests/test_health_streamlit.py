@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from appliance import health_streamlit as hs
-from appliance.health_streamlit import probe_streamlit
+from appliance.upkeep import health_streamlit as hs
+from appliance.upkeep.health_streamlit import probe_streamlit
 
 # ForwardMsgs a real Streamlit 1.40.1 sent (tests/test_podman_health_streamlit.py's Space):
 # a run of `st.write('ok')`, of `st.write('hello'); x`, and of a page reading `x = = 1`.

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from appliance import housekeeping, spaces, stages
+from appliance import stages
 from appliance.config import load_config
+from appliance.core import spaces
 from appliance.errors import ApplianceError
+from appliance.upkeep import housekeeping
 
 GiB = 1024**3
 MiB = 1024**2

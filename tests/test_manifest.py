@@ -11,14 +11,14 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from appliance.errors import ManifestError
-from appliance.manifest import (
+from appliance.core.manifest import (
     Manifest,
     check_app_file,
     load_manifest,
     parse_manifest,
     split_front_matter,
 )
+from appliance.errors import ManifestError
 
 
 def readme(front_matter: str, body: str = "# My Space\n") -> str:

@@ -7,9 +7,10 @@ import sqlite3
 
 from click.testing import CliRunner
 
-from appliance import housekeeping, store
-from appliance.cli import cli
+from appliance.adapters import store
+from appliance.cli.main import cli
 from appliance.config import load_config
+from appliance.upkeep import housekeeping
 
 
 def test_migrate_backs_up_then_applies_what_is_pending(tmp_path, monkeypatch):

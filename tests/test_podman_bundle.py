@@ -19,8 +19,10 @@ import pytest
 import requests
 from conftest import as_service, labelled, make_space_repo, wait_for
 
-from appliance import bundles, router, spaces, stages
+from appliance import stages
+from appliance.adapters import router
 from appliance.config import load_config
+from appliance.core import bundles, spaces
 
 pytestmark = pytest.mark.podman
 SPACE = "team/minilm"

@@ -12,8 +12,9 @@ import requests
 from click.testing import CliRunner
 from conftest import commit, labelled, make_space_repo, wait_for
 
-from appliance import spaces, stages
-from appliance.cli import cli
+from appliance import stages
+from appliance.cli.main import cli
+from appliance.core import spaces
 
 pytestmark = pytest.mark.podman
 
@@ -80,7 +81,7 @@ def test_busy_space_with_a_live_worker_is_not_taken_over(appliance_env):
 def test_start_revives_a_space_whose_container_and_router_died(appliance_env):
     from conftest import as_service
 
-    from appliance import router
+    from appliance.adapters import router
 
     ctx, sources_dir = appliance_env
     repo = make_space_repo(sources_dir / "revive", {"README.md": README, "Dockerfile": FAST})
@@ -102,8 +103,8 @@ def test_start_revives_a_space_whose_container_and_router_died(appliance_env):
 def test_runtime_starts_the_podman_api_service_when_it_is_gone(podman_ready):
     import subprocess
 
+    from appliance.adapters.runtime import Runtime
     from appliance.config import load_config
-    from appliance.runtime import Runtime
 
     config = load_config({})
     socket_path = config.podman_socket_url[len("unix://"):]
@@ -123,7 +124,8 @@ def test_killing_workers_at_random_points_always_converges(appliance_env):
     database is intact."""
     import random
 
-    from appliance import jobs, reconcile
+    from appliance.core import jobs
+    from appliance.upkeep import reconcile
 
     ctx, sources_dir = appliance_env
     rng = random.Random(20261126)

@@ -10,9 +10,10 @@ import pytest
 import requests
 from conftest import container_env, make_space_repo
 
-from appliance import spaces, stages
+from appliance import stages
+from appliance.core import spaces
 from appliance.errors import Conflict
-from appliance.gpu import Gpu, Inventory
+from appliance.gpu.nvml import Gpu, Inventory
 
 pytestmark = pytest.mark.podman
 KIND = "appliance-test.example/gpu"
@@ -116,7 +117,7 @@ def test_changing_hardware_is_checked_and_applied_at_the_next_restart(gpu_ctx):
 
 
 def test_reconcile_drops_the_allocation_of_a_gpu_that_disappeared(gpu_ctx):
-    from appliance import reconcile
+    from appliance.upkeep import reconcile
 
     ctx, sources_dir = gpu_ctx
     name = static(ctx, sources_dir, "vanish", "gpu")

@@ -2,7 +2,7 @@
 their Spaces through their PID namespace, and a Space over its shared budget past the grace
 is stopped while the others keep serving.
 
-Only NVML is faked: inventories are built as gpu.Inventory objects listing the real host PIDs
+Only NVML is faked: inventories are built as nvml.Inventory objects listing the real host PIDs
 of processes inside the containers, and one pass goes through the real nvidia-ml-py against
 the fake libnvidia-ml.so.1 (tests/nvml_fake) in a child process.
 """
@@ -21,8 +21,10 @@ import pytest
 import requests
 from conftest import make_space_repo
 
-from appliance import gpu, gpu_watchdog, spaces, stages
+from appliance import stages
 from appliance.config import SETTINGS
+from appliance.core import spaces
+from appliance.gpu import nvml, watchdog
 
 pytestmark = pytest.mark.podman
 
@@ -79,18 +81,18 @@ def app_pid(ctx, space_id: str) -> int:
     return children[0]
 
 
-def inventory(*processes: tuple[str, int, int]) -> gpu.Inventory:
+def inventory(*processes: tuple[str, int, int]) -> nvml.Inventory:
     """Two GPUs listing (gpu uuid, host pid, MiB) processes, as NVML would report them."""
     cards = []
     for index, uuid in enumerate((GPU0, GPU1)):
-        cards.append(gpu.Gpu(
+        cards.append(nvml.Gpu(
             index=index, uuid=uuid, name="NVIDIA L4", memory_total_mib=23034,
             memory_used_mib=None, memory_free_mib=None, utilization_gpu=None,
             utilization_memory=None, temperature_c=None, power_w=None, mig_enabled=False,
             mig_devices=(), jetson=False,
-            processes=tuple(gpu.GpuProcess(pid, mib) for card, pid, mib in processes
+            processes=tuple(nvml.GpuProcess(pid, mib) for card, pid, mib in processes
                             if card == uuid)))
-    return gpu.Inventory(available=True, driver_version="550.54.15", gpus=tuple(cards))
+    return nvml.Inventory(available=True, driver_version="550.54.15", gpus=tuple(cards))
 
 
 def answers(url: str) -> str | None:
@@ -114,7 +116,7 @@ def test_gpu_processes_are_attributed_to_their_spaces_by_pid_namespace(gpu_space
         (GPU1, os.getpid(), 700),
         (GPU1, gone.pid, 900),  # ended between NVML's reading and /proc's: ignored
     )
-    attributed, unattributed = gpu_watchdog.attribute_processes(ctx, seen)
+    attributed, unattributed = watchdog.attribute_processes(ctx, seen)
     assert attributed == {A: 500, B: 1500}
     assert unattributed == [{"pid": os.getpid(), "used_mib": 700, "gpu_uuid": GPU1}]
 
@@ -127,16 +129,16 @@ def test_space_over_budget_is_stopped_after_the_grace_and_the_others_keep_servin
         seen = inventory((GPU0, app_pid(ctx, A), 500), (GPU0, app_pid(ctx, B), 1500),
                          (GPU0, bystander.pid, 4000))
         start = time.time()
-        first = gpu_watchdog.enforce_once(ctx, seen, now=start)
+        first = watchdog.enforce_once(ctx, seen, now=start)
         assert (first.attributed, first.over_budget, first.stopped) == (
             {A: 500, B: 1500}, [B], [])
         assert first.unattributed == [{"pid": bystander.pid, "used_mib": 4000, "gpu_uuid": GPU0}]
         assert ctx.store.get_space(B)["gpu_over_since"] is not None
         assert answers(urls[B]) == "space b\n"
-        assert gpu_watchdog.enforce_once(ctx, seen, now=start + grace / 2).stopped == []
+        assert watchdog.enforce_once(ctx, seen, now=start + grace / 2).stopped == []
         assert spaces.describe(ctx, B)["stage"] == stages.RUNNING
 
-        last = gpu_watchdog.enforce_once(ctx, seen, now=start + grace + 1)
+        last = watchdog.enforce_once(ctx, seen, now=start + grace + 1)
         assert (last.stopped, last.errors) == ([B], [])
         view = spaces.describe(ctx, B)
         assert view["stage"] == stages.RUNTIME_ERROR and view["url"] is None
@@ -161,14 +163,14 @@ def test_space_back_under_budget_before_the_grace_is_not_stopped(gpu_spaces):
     a, b = app_pid(ctx, A), app_pid(ctx, B)
     start = time.time()
     over = inventory((GPU0, a, 500), (GPU0, b, 1500))
-    assert gpu_watchdog.enforce_once(ctx, over, now=start).over_budget == [B]
+    assert watchdog.enforce_once(ctx, over, now=start).over_budget == [B]
     assert ctx.store.get_space(B)["gpu_over_since"] is not None
     under = inventory((GPU0, a, 500), (GPU0, b, 800))
-    report = gpu_watchdog.enforce_once(ctx, under, now=start + grace / 2)
+    report = watchdog.enforce_once(ctx, under, now=start + grace / 2)
     assert (report.over_budget, report.stopped) == ([], [])
     assert ctx.store.get_space(B)["gpu_over_since"] is None
     # Over again: the grace starts afresh, so a pass past the first grace stops nothing.
-    again = gpu_watchdog.enforce_once(ctx, over, now=start + grace + 1)
+    again = watchdog.enforce_once(ctx, over, now=start + grace + 1)
     assert (again.over_budget, again.stopped) == ([B], [])
     assert answers(urls[B]) == "space b\n"
 
@@ -180,7 +182,7 @@ def test_whole_gpu_and_mig_allocations_are_not_budget_limited(gpu_spaces):
     seen = inventory((GPU0, app_pid(ctx, A), 20000), (GPU1, app_pid(ctx, B), 9000))
     start = time.time()
     for now in (start, start + ctx.config.gpu_quota_grace + 1):
-        report = gpu_watchdog.enforce_once(ctx, seen, now=now)
+        report = watchdog.enforce_once(ctx, seen, now=now)
         assert report.attributed == {A: 20000, B: 9000}
         assert (report.over_budget, report.stopped) == ([], [])
     assert answers(urls[A]) == "space a\n" and answers(urls[B]) == "space b\n"
@@ -189,9 +191,9 @@ def test_whole_gpu_and_mig_allocations_are_not_budget_limited(gpu_spaces):
 def test_unreadable_inventory_judges_no_space(gpu_spaces):
     ctx, _ = gpu_spaces
     ctx.store.update_space(B, gpu_over_since="2024-01-01T00:00:00.000+00:00")
-    missing = gpu.Inventory(available=False, reason="no NVIDIA driver")
-    report = gpu_watchdog.enforce_once(ctx, missing, now=time.time())
-    assert report == gpu_watchdog.WatchdogReport()
+    missing = nvml.Inventory(available=False, reason="no NVIDIA driver")
+    report = watchdog.enforce_once(ctx, missing, now=time.time())
+    assert report == watchdog.WatchdogReport()
     assert ctx.store.get_space(B)["gpu_over_since"] == "2024-01-01T00:00:00.000+00:00"
     assert spaces.describe(ctx, B)["stage"] == stages.RUNNING
 
@@ -199,10 +201,11 @@ def test_unreadable_inventory_judges_no_space(gpu_spaces):
 ENFORCE = (
     "import json, sys\n"
     "from dataclasses import asdict\n"
-    "from appliance import gpu_watchdog, spaces\n"
+    "from appliance.core import spaces\n"
+    "from appliance.gpu import watchdog\n"
     "from appliance.config import load_config\n"
     "ctx = spaces.open_context(load_config(), actor='scheduler')\n"
-    "print(json.dumps(asdict(gpu_watchdog.enforce_once(ctx, now=float(sys.argv[1])))))\n"
+    "print(json.dumps(asdict(watchdog.enforce_once(ctx, now=float(sys.argv[1])))))\n"
 )
 
 
@@ -221,7 +224,7 @@ def test_a_pass_reads_the_gpus_through_nvml_itself(gpu_spaces, fake_nvml, tmp_pa
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
-    assert report == asdict(gpu_watchdog.WatchdogReport(
+    assert report == asdict(watchdog.WatchdogReport(
         attributed={A: 500, B: 1500}, over_budget=[B],
         unattributed=[{"pid": os.getpid(), "used_mib": 300, "gpu_uuid": GPU0}]))
     assert ctx.store.get_space(B)["gpu_over_since"] is not None

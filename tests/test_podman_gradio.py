@@ -13,8 +13,9 @@ import requests
 from click.testing import CliRunner
 from conftest import REPO, as_service, commit, container_env, labelled, make_space_repo
 
-from appliance import spaces, stages
-from appliance.cli import cli
+from appliance import stages
+from appliance.cli.main import cli
+from appliance.core import spaces
 
 pytestmark = pytest.mark.podman
 SPACE = "team/hello"

@@ -11,7 +11,9 @@ import pytest
 import requests
 from conftest import as_service, make_space_repo
 
-from appliance import health, jobs, reconcile, spaces, stages
+from appliance import stages
+from appliance.core import jobs, spaces
+from appliance.upkeep import health, reconcile
 
 pytestmark = pytest.mark.podman
 

@@ -9,8 +9,10 @@ import time
 import pytest
 from conftest import commit, make_space_repo
 
-from appliance import health, health_streamlit, spaces, stages
-from appliance.health_streamlit import probe_streamlit
+from appliance import stages
+from appliance.core import spaces
+from appliance.upkeep import health, health_streamlit
+from appliance.upkeep.health_streamlit import probe_streamlit
 
 pytestmark = pytest.mark.podman
 

@@ -16,8 +16,10 @@ import pytest
 import requests
 from conftest import REPO, commit, labelled, make_space_repo, wait_for
 
-from appliance import jobs, reconcile, space_actions, spaces, stages, users
+from appliance import stages, users
 from appliance.config import SETTINGS
+from appliance.core import actions, jobs, spaces
+from appliance.upkeep import reconcile
 
 pytestmark = pytest.mark.podman
 PASSWORD = "a long enough password"
@@ -99,7 +101,7 @@ def test_killing_the_portal_and_the_scheduler_at_random_points_converges(applian
             if round_ == 0 and ctx.store.find_space(space_id) is None:
                 # Killed before the Space was recorded: nothing half-made; add it for real.
                 assert not labelled("container", space_id)
-                space_actions.add(ctx, str(repo), name=space_id)
+                actions.add(ctx, str(repo), name=space_id)
             wait_for(lambda: settled(ctx, space_id), 240, f"{space_id} to settle (round {round_})")
             view = spaces.describe(ctx, space_id)
             assert view["stage"] not in stages.BUSY, view

@@ -10,7 +10,8 @@ import pytest
 import requests
 from conftest import commit, labelled, make_space_repo
 
-from appliance import spaces, stages
+from appliance import stages
+from appliance.core import spaces
 
 pytestmark = pytest.mark.podman
 

@@ -14,8 +14,10 @@ import pytest
 import requests
 from conftest import as_service, make_space_repo
 
-from appliance import housekeeping, spaces, stages
-from appliance.runtime import LABEL_INSTANCE, LABEL_ROLE, LABEL_SPACE, ROLE_OFFLINE_NETWORK
+from appliance import stages
+from appliance.adapters.runtime import LABEL_INSTANCE, LABEL_ROLE, LABEL_SPACE, ROLE_OFFLINE_NETWORK
+from appliance.core import spaces
+from appliance.upkeep import housekeeping
 
 pytestmark = pytest.mark.podman
 

@@ -14,8 +14,11 @@ import pytest
 import requests
 from conftest import as_service, labelled, make_space_repo
 
-from appliance import housekeeping, jobs, reconcile, router, spaces, stages
+from appliance import stages
+from appliance.adapters import router
 from appliance.config import SETTINGS
+from appliance.core import jobs, spaces
+from appliance.upkeep import housekeeping, reconcile
 
 pytestmark = pytest.mark.podman
 

@@ -6,7 +6,8 @@ import pytest
 import requests
 from conftest import commit, make_space_repo
 
-from appliance import spaces, stages
+from appliance import stages
+from appliance.core import spaces
 from appliance.errors import InvalidInput, NotFound
 
 pytestmark = pytest.mark.podman

@@ -17,8 +17,9 @@ import requests
 from click.testing import CliRunner
 from conftest import as_service, commit, labelled, make_space_repo
 
-from appliance import spaces, stages
-from appliance.cli import cli
+from appliance import stages
+from appliance.cli.main import cli
+from appliance.core import spaces
 
 pytestmark = pytest.mark.podman
 

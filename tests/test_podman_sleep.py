@@ -10,7 +10,9 @@ import pytest
 import requests
 from conftest import labelled, make_space_repo
 
-from appliance import jobs, sleep, spaces, stages
+from appliance import stages
+from appliance.core import jobs, spaces
+from appliance.upkeep import sleep
 
 pytestmark = pytest.mark.podman
 
@@ -99,7 +101,7 @@ def test_cli_sets_and_clears_the_sleep_time(appliance_env):
 
     from click.testing import CliRunner
 
-    from appliance.cli import cli
+    from appliance.cli.main import cli
 
     ctx, sources_dir = appliance_env
     static_space(ctx, sources_dir, "cli")

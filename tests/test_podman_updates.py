@@ -11,8 +11,11 @@ import pytest
 import requests
 from conftest import commit, make_space_repo
 
-from appliance import jobs, router, spaces, stages, updates
+from appliance import stages
+from appliance.adapters import router
+from appliance.core import jobs, spaces
 from appliance.errors import InvalidInput, NotFound, SourceError
+from appliance.upkeep import updates
 
 pytestmark = pytest.mark.podman
 
@@ -24,7 +27,7 @@ T0 = datetime(2030, 1, 7, 10, 0).timestamp()
 def inline(ctx, space_id, job, factory=False):
     """Run the job the pass asks for here, so the test sees its result at once."""
     if job == "update":
-        return updates.run_update(ctx, space_id)
+        return jobs.run_update(ctx, space_id)
     return jobs.run_job(ctx, space_id, job, factory)
 
 

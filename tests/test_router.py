@@ -17,10 +17,10 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from appliance import router
+from appliance.adapters import router
+from appliance.adapters.store import open_store
 from appliance.config import load_config
 from appliance.errors import RuntimeUnavailable
-from appliance.store import open_store
 
 
 def free_port() -> int:

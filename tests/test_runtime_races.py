@@ -12,9 +12,9 @@ from __future__ import annotations
 import podman.errors
 import pytest
 
+from appliance.adapters.runtime import Runtime
 from appliance.config import load_config
 from appliance.errors import RuntimeUnavailable
-from appliance.runtime import Runtime
 
 GONE = ("container 305e65d70d244e4b4806f7d78d0e3aaee1bb1a6f89b52a231f166d0128b7a922 does not "
         "exist in database: no such container")

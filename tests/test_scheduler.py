@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from appliance import scheduler
 from appliance.config import load_config
+from appliance.upkeep import scheduler
 
 
 def test_every_step_is_scheduled_at_its_configured_interval(tmp_path):

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance import sources
 from appliance.config import load_config
-from appliance.errors import InvalidInput, SourceError
-from appliance.sources import (
+from appliance.core import sources
+from appliance.core.sources import (
     Source,
     fetch,
     parse_source,
@@ -19,6 +18,7 @@ from appliance.sources import (
     validate_revision,
     validate_space_id,
 )
+from appliance.errors import InvalidInput, SourceError
 
 LFS_POINTER = (
     "version https://git-lfs.github.com/spec/v1\n"

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from appliance import stages
+from appliance.adapters.store import MIGRATIONS, Store, open_store
 from appliance.errors import ApplianceError, Conflict, NotFound
-from appliance.store import MIGRATIONS, Store, open_store
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -295,7 +295,7 @@ def test_transaction_that_raises_midway_leaves_no_rows(store):
 CRASHING_WRITER = textwrap.dedent("""
     import os, sys
     from pathlib import Path
-    from appliance.store import Store
+    from appliance.adapters.store import Store
 
     store = Store(Path(sys.argv[1]))
     with store.transaction():

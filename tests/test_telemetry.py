@@ -1,7 +1,7 @@
 """GPU telemetry against a real SQLite file: samples per GPU and per Space, downsampling by age,
 and one sample through the real nvidia-ml-py against the fake libnvidia-ml.so.1.
 
-Inventories are built as gpu.Inventory objects (NVML is the seam); Space attribution runs on
+Inventories are built as nvml.Inventory objects (NVML is the seam); Space attribution runs on
 real rootless Podman containers.
 """
 
@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from appliance import gpu, spaces, telemetry
+from appliance.adapters.runtime import LABEL_SPACE
 from appliance.config import load_config
+from appliance.core import spaces
 from appliance.errors import NotFound
-from appliance.runtime import LABEL_SPACE
+from appliance.gpu import nvml, telemetry
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NO_PODMAN = "unix:///nonexistent/podman.sock"
@@ -31,7 +32,7 @@ DAY = 86400
 INTERVAL = 10
 
 
-def make_context(data_dir: Path, inventory: gpu.Inventory | None = None,
+def make_context(data_dir: Path, inventory: nvml.Inventory | None = None,
                  **overrides) -> spaces.Context:
     config = load_config({}, data_dir=str(data_dir), podman_url=NO_PODMAN,
                          podman_autostart=False, **overrides)
@@ -49,17 +50,17 @@ def ctx(tmp_path):
     context.store.close()
 
 
-def card(index: int, uuid: str, processes: tuple[gpu.GpuProcess, ...] = (),
-         **readings) -> gpu.Gpu:
+def card(index: int, uuid: str, processes: tuple[nvml.GpuProcess, ...] = (),
+         **readings) -> nvml.Gpu:
     values = {"memory_total_mib": 23034, "memory_used_mib": 1024, "memory_free_mib": 22010,
               "utilization_gpu": 12, "utilization_memory": 3, "temperature_c": 41,
               "power_w": 62.5, **readings}
-    return gpu.Gpu(index=index, uuid=uuid, name="NVIDIA L4", mig_enabled=False,
+    return nvml.Gpu(index=index, uuid=uuid, name="NVIDIA L4", mig_enabled=False,
                    mig_devices=(), processes=processes, jetson=False, **values)
 
 
-def inventory(*cards: gpu.Gpu) -> gpu.Inventory:
-    return gpu.Inventory(available=True, driver_version="550.54.15", cuda_version="12.4",
+def inventory(*cards: nvml.Gpu) -> nvml.Inventory:
+    return nvml.Inventory(available=True, driver_version="550.54.15", cuda_version="12.4",
                          gpus=cards)
 
 
@@ -94,7 +95,7 @@ def test_a_sample_writes_one_row_per_gpu_with_its_readings(ctx):
 
 
 def test_a_cpu_only_box_writes_nothing(ctx):
-    ctx.read_inventory = lambda: gpu.Inventory(
+    ctx.read_inventory = lambda: nvml.Inventory(
         available=False, reason="no NVIDIA driver (libnvidia-ml.so.1 not found)")
     report = telemetry.sample_once(ctx, now=START)
     assert report.reason == "no NVIDIA driver (libnvidia-ml.so.1 not found)"
@@ -112,7 +113,7 @@ def test_readings_nvml_does_not_support_are_stored_as_null(ctx):
 
 
 def test_a_jetson_without_uuid_is_sampled_under_its_index(ctx):
-    orin = gpu.Gpu(index=0, uuid="", name="Jetson AGX Orin", memory_total_mib=62828,
+    orin = nvml.Gpu(index=0, uuid="", name="Jetson AGX Orin", memory_total_mib=62828,
                    memory_used_mib=3846, memory_free_mib=58982, utilization_gpu=35,
                    utilization_memory=None, temperature_c=None, power_w=None,
                    mig_enabled=False, mig_devices=(), processes=(), jetson=True)
@@ -122,7 +123,7 @@ def test_a_jetson_without_uuid_is_sampled_under_its_index(ctx):
 
 def test_gpu_rows_are_kept_when_podman_cannot_be_reached(ctx):
     ctx.read_inventory = lambda: inventory(
-        card(0, GPU0, processes=(gpu.GpuProcess(os.getpid(), 700),)))
+        card(0, GPU0, processes=(nvml.GpuProcess(os.getpid(), 700),)))
     report = telemetry.sample_once(ctx, now=START)
     assert report.errors == [
         f"cannot attribute GPU memory to Spaces: Cannot reach Podman at {NO_PODMAN} — run "
@@ -289,7 +290,7 @@ def test_a_gpu_is_named_by_index_or_uuid(ctx):
         telemetry.resolve_gpu(ctx, "2")
     assert (missing.value.message, missing.value.hint) == (
         "No GPU with index 2", "see 'appliance gpus list'")
-    ctx.read_inventory = lambda: gpu.Inventory(available=False, reason="no NVIDIA driver")
+    ctx.read_inventory = lambda: nvml.Inventory(available=False, reason="no NVIDIA driver")
     with pytest.raises(NotFound) as unavailable:
         telemetry.resolve_gpu(ctx, "0")
     assert unavailable.value.message == "Cannot find GPU 0: no NVIDIA driver"
@@ -313,10 +314,10 @@ def test_each_space_gets_a_row_per_gpu_with_the_memory_its_processes_hold(applia
         pid = {space_id: env_ctx.runtime.init_pid(name) for space_id, name in names.items()}
         assert all(pid.values()), pid
         seen = inventory(
-            card(0, GPU0, processes=(gpu.GpuProcess(pid["tele/a"], 500),
-                                     gpu.GpuProcess(pid["tele/b"], 1000),
-                                     gpu.GpuProcess(os.getpid(), 700))),  # no Space's
-            card(1, GPU1, processes=(gpu.GpuProcess(pid["tele/b"], 300),)))
+            card(0, GPU0, processes=(nvml.GpuProcess(pid["tele/a"], 500),
+                                     nvml.GpuProcess(pid["tele/b"], 1000),
+                                     nvml.GpuProcess(os.getpid(), 700))),  # no Space's
+            card(1, GPU1, processes=(nvml.GpuProcess(pid["tele/b"], 300),)))
         ctx = spaces.Context(env_ctx.config, env_ctx.store, env_ctx.runtime, "test",
                              read_inventory=lambda: seen)
         report = telemetry.sample_once(ctx, now=START)
@@ -335,7 +336,8 @@ def test_each_space_gets_a_row_per_gpu_with_the_memory_its_processes_hold(applia
 
 SAMPLE = (
     "import dataclasses, json, sys\n"
-    "from appliance import spaces, telemetry\n"
+    "from appliance.core import spaces\n"
+    "from appliance.gpu import telemetry\n"
     "from appliance.config import load_config\n"
     "config = load_config({}, data_dir=sys.argv[1], podman_url=sys.argv[2],\n"
     "                     podman_autostart=False)\n"
@@ -381,7 +383,7 @@ def test_gpus_history_command_shows_samples_and_explains_a_missing_gpu(tmp_path)
 
     from click.testing import CliRunner
 
-    from appliance.cli import cli
+    from appliance.cli.main import cli
     from appliance.config import load_config
 
     ctx = spaces.open_context(load_config({}, data_dir=str(tmp_path / "data")))

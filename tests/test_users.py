@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from appliance import users
+from appliance.adapters.store import open_store
 from appliance.errors import InvalidInput, NotFound, TooManyAttempts, Unauthorized
-from appliance.store import open_store
 
 PASSWORD = "correct horse battery"
 

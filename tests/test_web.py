@@ -8,12 +8,13 @@ import re
 
 import pytest
 
-from appliance import users, web_api
+from appliance import users
+from appliance.adapters.store import open_store
 from appliance.config import load_config
-from appliance.gpu import Inventory
-from appliance.spaces import Context
-from appliance.store import open_store
-from appliance.web import create_app
+from appliance.core.spaces import Context
+from appliance.gpu.nvml import Inventory
+from appliance.web import api
+from appliance.web.app import create_app
 
 PASSWORD = "correct horse battery"
 SECRET_VALUE = "s3cr3t-value-that-must-never-show"
@@ -311,9 +312,9 @@ def test_api_visibility_and_events(app):
 def test_openapi_document_matches_the_routes():
     app = create_app(load_config({}, data_dir="/tmp/appliance-openapi-test"))
     documented = {(path, method.upper()) for path, ops in
-                  web_api.openapi_document()["paths"].items() for method in ops}
-    served = {(web_api.openapi_path(rule.rule), method) for rule in app.url_map.iter_rules()
-              if rule.rule.startswith(web_api.PREFIX)
+                  api.openapi_document()["paths"].items() for method in ops}
+    served = {(api.openapi_path(rule.rule), method) for rule in app.url_map.iter_rules()
+              if rule.rule.startswith(api.PREFIX)
               for method in rule.methods - {"HEAD", "OPTIONS"}}
     assert documented == served
     assert app.test_client().get("/api/v1/openapi.json").json["openapi"].startswith("3.")
@@ -456,7 +457,7 @@ def test_settings_forms_say_what_is_wrong(app):
 def test_serve_refuses_the_same_port_for_the_portal_and_the_apps(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
-    from appliance.cli import cli
+    from appliance.cli.main import cli
 
     monkeypatch.setenv("APPLIANCE_DATA_DIR", str(tmp_path))
     result = CliRunner().invoke(cli, ["serve", "--port", "9000", "--apps-port", "9000"], obj={})

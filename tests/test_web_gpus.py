@@ -9,11 +9,11 @@ from datetime import UTC, datetime
 import pytest
 
 from appliance import users
+from appliance.adapters.store import open_store
 from appliance.config import load_config
-from appliance.gpu import Gpu, GpuProcess, Inventory
-from appliance.spaces import Context
-from appliance.store import open_store
-from appliance.web import create_app
+from appliance.core.spaces import Context
+from appliance.gpu.nvml import Gpu, GpuProcess, Inventory
+from appliance.web.app import create_app
 
 UUID = "GPU-11111111-2222-3333-4444-555555555555"
 CARD = Gpu(index=0, uuid=UUID, name="NVIDIA L4", memory_total_mib=23034, memory_used_mib=6144,

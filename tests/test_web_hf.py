@@ -28,10 +28,11 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
 )
 
-from appliance import jobs, spaces, stages, users
+from appliance import stages, users
+from appliance.adapters.store import open_store
 from appliance.config import SETTINGS, Config, load_config
-from appliance.store import open_store
-from appliance.web_hf import hardware_request
+from appliance.core import jobs, spaces
+from appliance.web.hf import hardware_request
 
 SECRET = "s3cr3t-value-never-shown-4711"
 PASSWORD = "correct horse battery"

@@ -29,10 +29,10 @@ from urllib.parse import unquote
 
 import pytest
 
-from appliance.web_offline import CONTAINER_ENV, IFRAME_RESIZER, OFFLINE_URL, rewrite
+from appliance.web.offline import CONTAINER_ENV, IFRAME_RESIZER, OFFLINE_URL, rewrite
 
 REPO = Path(__file__).resolve().parents[1]
-OFFLINE_DIR = REPO / "appliance" / "static" / "offline"
+OFFLINE_DIR = REPO / "appliance" / "web" / "static" / "offline"
 OVERLAY = Path("/var/lib/appliance/.local/share/containers/storage/overlay")
 CHROMIUM = "/usr/bin/chromium"  # Debian packages chromium and chromium-common
 GRADIO_ROW = {"id": "owner/name", "sdk": "gradio"}

@@ -31,7 +31,7 @@ import requests
 import websocket
 
 from appliance import users
-from appliance.store import open_store
+from appliance.adapters.store import open_store
 
 REPO = Path(__file__).resolve().parents[1]
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -909,7 +909,7 @@ def test_the_portal_log_has_no_errors(portal):
 @pytest.fixture
 def flask_app(tmp_path, apps):
     from appliance.config import load_config
-    from appliance.web import create_app
+    from appliance.web.app import create_app
 
     config = load_config({}, data_dir=str(tmp_path / "data"), router_host="127.0.0.1",
                          portal_apps_port=0)
@@ -931,7 +931,7 @@ def test_other_portal_routes_still_reach_flask(flask_app):
 
 
 def test_the_offline_rewrite_hook_gets_small_html(flask_app, monkeypatch):
-    from appliance import web_proxy
+    from appliance.web import proxy
 
     calls = []
 
@@ -939,7 +939,7 @@ def test_the_offline_rewrite_hook_gets_small_html(flask_app, monkeypatch):
         calls.append((row["id"], kind))
         return body.replace(b"http://cdn.example/", b"/offline/")
 
-    monkeypatch.setattr(web_proxy, "_hook", rewrite)
+    monkeypatch.setattr(proxy, "_hook", rewrite)
     client = flask_app.test_client()
     response = client.get("/s/alice--public/page.html")
     assert response.data == b"<html><body>/offline/x.js</body></html>"
@@ -950,29 +950,29 @@ def test_the_offline_rewrite_hook_gets_small_html(flask_app, monkeypatch):
 
 
 def test_a_broken_offline_rewrite_leaves_the_page_as_the_app_sent_it(flask_app, monkeypatch):
-    from appliance import web_proxy
+    from appliance.web import proxy
 
     def rewrite(row, kind, body):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(web_proxy, "_hook", rewrite)
+    monkeypatch.setattr(proxy, "_hook", rewrite)
     response = flask_app.test_client().get("/s/alice--public/page.html")
     assert response.data == b"<html><body>http://cdn.example/x.js</body></html>"
 
 
 def test_the_offline_rewrite_hook_sees_gzipped_html_plain(flask_app, monkeypatch):
-    from appliance import web_proxy
+    from appliance.web import proxy
 
-    monkeypatch.setattr(web_proxy, "_hook", lambda row, kind, body: body.upper())
+    monkeypatch.setattr(proxy, "_hook", lambda row, kind, body: body.upper())
     response = flask_app.test_client().get("/s/alice--public/page.html.gz")
     assert response.data == b"<P>SEE HTTP://CDN.EXAMPLE/Y.CSS</P>"
     assert "Content-Encoding" not in response.headers
 
 
 def test_without_an_offline_module_nothing_is_rewritten(flask_app, monkeypatch):
-    from appliance import web_proxy
+    from appliance.web import proxy
 
-    monkeypatch.setattr(web_proxy, "_hook", None)
+    monkeypatch.setattr(proxy, "_hook", None)
     response = flask_app.test_client().get("/s/alice--public/page.html")
     assert b"http://cdn.example/x.js" in response.data
 
@@ -1018,12 +1018,12 @@ def test_a_small_body_is_still_handed_to_gunicorn(flask_app):
 
 
 def test_a_change_to_a_space_reaches_the_proxy_within_moments(flask_app):
-    from appliance import web_proxy
+    from appliance.web import proxy
 
     client = flask_app.test_client()
 
     def answers(status: int) -> bool:
-        deadline = time.monotonic() + web_proxy.ROW_CHECK_SECONDS + 2
+        deadline = time.monotonic() + proxy.ROW_CHECK_SECONDS + 2
         while time.monotonic() < deadline:
             if client.get("/s/alice--public/x", headers={
                     "Accept": "application/json"}).status_code == status:
@@ -1048,7 +1048,7 @@ def test_a_change_to_a_space_reaches_the_proxy_within_moments(flask_app):
 
 
 def test_pooled_connections_are_reused_only_for_the_same_backend(apps):
-    from appliance.web_upstream import UpstreamPool
+    from appliance.web.upstream import UpstreamPool
 
     pool = UpstreamPool()
     port = apps["public"].port
@@ -1066,7 +1066,7 @@ def test_pooled_connections_are_reused_only_for_the_same_backend(apps):
 
 
 def test_idle_pooled_connections_are_reaped(apps):
-    from appliance.web_upstream import UpstreamPool
+    from appliance.web.upstream import UpstreamPool
 
     pool = UpstreamPool(idle_seconds=0.05)
     conn, _ = pool.get("127.0.0.1", apps["public"].port, backend=None)
@@ -1077,11 +1077,11 @@ def test_idle_pooled_connections_are_reaped(apps):
 
 
 def test_old_connections_are_retired_so_the_router_sees_the_space_in_use(apps, monkeypatch):
-    from appliance import web_upstream
+    from appliance.web import upstream
 
-    pool = web_upstream.UpstreamPool()
+    pool = upstream.UpstreamPool()
     conn, _ = pool.get("127.0.0.1", apps["public"].port, backend=None)
-    monkeypatch.setattr(web_upstream, "POOL_MAX_AGE_SECONDS", 0.0)
+    monkeypatch.setattr(upstream, "POOL_MAX_AGE_SECONDS", 0.0)
     pool.put("127.0.0.1", apps["public"].port, None, conn)
     assert conn.sock.fileno() == -1 and not pool.idle
 

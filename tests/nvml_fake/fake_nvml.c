@@ -1,7 +1,7 @@
 /* A fake libnvidia-ml.so.1 for tests: answers NVML calls from the file in $FAKE_NVML_CONFIG.
  *
  * Build: gcc -shared -fPIC -o DIR/libnvidia-ml.so.1 fake_nvml.c
- * Only the symbols appliance/gpu.py reaches through nvidia-ml-py are exported; the config
+ * Only the symbols appliance/gpu/nvml.py reaches through nvidia-ml-py are exported; the config
  * format is in README.md beside this file. Return codes and buffer-size rules follow the
  * NVML reference (docs.nvidia.com/deploy/nvml-api).
  */

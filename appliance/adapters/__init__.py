@@ -1,0 +1,1 @@
+"""The adapters to the outside: SQLite (store), Podman (runtime), the front router, host facts."""

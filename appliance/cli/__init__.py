@@ -1,0 +1,1 @@
+"""The command line: the `appliance` command and its groups (spaces, gpus, users, bundle…)."""

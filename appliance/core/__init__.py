@@ -1,0 +1,1 @@
+"""The Spaces core: front matter, sources, builds, the Space service, actions, jobs, bundles."""

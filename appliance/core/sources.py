@@ -1,0 +1,542 @@
+"""Vet where a Space's repository comes from and fetch it: the one module that runs git."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from ..errors import ApplianceError, InvalidInput, SourceError
+
+_GIT = "git"  # the binary; tests point it at stand-in scripts
+_ID_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+_VERIFY = ("rev-parse", "--verify", "--quiet")  # the revision was vetted: no leading "-"
+_FULL_SHA = re.compile(r"[0-9a-fA-F]{40}")
+_SHORT_SHA = re.compile(r"[0-9a-fA-F]{4,39}")
+_HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
+_USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+_SCP = re.compile(
+    r"(?:(?P<user>[A-Za-z0-9_][A-Za-z0-9._-]*)@)?(?P<host>[A-Za-z0-9][A-Za-z0-9.-]*)"
+    r":(?P<path>[^-].*)"
+)
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
+_HELPER = re.compile(r"[A-Za-z0-9][A-Za-z0-9+.-]*::")
+# Roughly `git check-ref-format`: what git could read as an option, a range or a reflog.
+_BAD_REV = re.compile(r"^[-/.]|[/.]$|^@$|\.\.|@\{|//|/\.|\.lock(?:/|$)|[\s~^:?*\[\\\x00-\x1f\x7f]")
+_CREDENTIALS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/\s]*@")
+_LFS_MAGIC = b"version https://git-lfs.github.com/spec/v1"
+_HF_HOSTS = {"huggingface.co", "www.huggingface.co", "hf.co"}
+# Variables that would point git at some other repository than the one it is cloning.
+_REPO_VARS = set(
+    "GIT_DIR GIT_WORK_TREE GIT_INDEX_FILE GIT_OBJECT_DIRECTORY GIT_COMMON_DIR GIT_NAMESPACE"
+    " GIT_ALTERNATE_OBJECT_DIRECTORIES".split()
+)
+_FORMS = (
+    "give hf://spaces/owner/name, an https:// or ssh git URL (git@host:owner/name.git), "
+    "or a local path such as /srv/spaces/name"
+)
+_HF_HINT = (
+    "Space sources look like hf://spaces/owner/name or https://huggingface.co/spaces/owner/name"
+)
+# How git failures read on stderr (first match wins), and what the user is told.
+_FAILURES = {  # kind: (pattern, headline naming the source, hint)
+    "unreachable": (
+        r"could not resolve host|name or service not known|temporary failure in name resolution"
+        r"|failed to connect|connection refused|connection timed out|network is unreachable"
+        r"|no route to host",
+        "Cannot reach the server of {display}",
+        "no network? use an offline bundle or a local mirror (APPLIANCE_LOCAL_SOURCES)",
+    ),
+    "tls": (
+        r"ssl certificate problem|server certificate verification failed",
+        "TLS certificate of {display} is not trusted",
+        "install its CA on this machine or set GIT_SSL_CAINFO",
+    ),
+    "revision": (
+        r"remote branch .* not found|couldn't find remote ref|not our ref|unadvertised object"
+        r"|unknown revision|did not match any|needed a single rev|reference is not a tree",
+        "Revision {revision!r} not found in {display}",
+        "give a branch, tag or commit sha that exists there",
+    ),
+    "auth": (
+        r"repository not found|authentication failed|could not read username|prompts disabled"
+        r"|permission denied|\b40[13]\b|not found|does not appear to be a git repository",
+        "Repository {display} was not found or needs credentials",
+        "check the URL; for a private repository put a token in the URL "
+        "(https://USER:TOKEN@host/owner/name) or use an ssh URL with a key the service user holds",
+    ),
+    "ownership": (
+        r"dubious ownership",
+        "git refuses {display}: it belongs to another user",
+        "run 'git config --global --add safe.directory PATH' as the service user",
+    ),
+    "other": (
+        "",
+        "git failed to fetch {display}",
+        "check the source and revision; see the build log",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a Space's repository comes from, vetted and ready to hand to git."""
+
+    kind: str  # "git" or "local"
+    url: str  # what git is given; may carry credentials
+    display: str  # safe to show: no credentials
+    default_id: str  # "owner/name" proposed for the Space
+
+
+def validate_space_id(space_id: str) -> str:
+    """Check that a Space id is 'owner/name' in the allowed characters; return it."""
+    parts = space_id.split("/") if isinstance(space_id, str) else []
+    if len(parts) != 2 or ".." in space_id or not all(_ID_PART.fullmatch(p) for p in parts):
+        raise InvalidInput(
+            f"Invalid Space id {space_id!r}",
+            hint="use owner/name, each up to 96 letters, digits, '.', '_' or '-'",
+        )
+    return space_id
+
+
+def validate_revision(revision: str | None) -> str | None:
+    """Refuse a branch, tag or commit name git could misread; return it (None for none)."""
+    if revision is None or revision == "":
+        return None
+    if not isinstance(revision, str) or len(revision) > 255 or _BAD_REV.search(revision):
+        raise InvalidInput(
+            f"Invalid revision {revision!r}",
+            hint="give a branch, tag or commit sha: no spaces, '..', ':', '~', '^', '@{' "
+            "or leading '-'",
+        )
+    return revision
+
+
+def parse_source(text: str, config) -> Source:
+    """Vet a user-typed Space source and say how git should fetch it."""
+    text = (text or "").strip()
+    shown = _redact(text)
+    if not text:
+        raise SourceError("A Space source is required", hint=_FORMS)
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise SourceError(f"Source {shown!r} contains control characters", hint=_FORMS)
+    if text.startswith("-"):
+        raise SourceError(
+            f"Source {shown!r} starts with '-', which git would read as an option", hint=_FORMS
+        )
+    if _HELPER.match(text):
+        raise SourceError(
+            f"Remote-helper sources ({text.split('::', 1)[0]}::...) are refused: {shown!r}",
+            hint=_FORMS,
+        )
+    if text.startswith(("/", "./", "../", "~")) or text in (".", ".."):
+        return _local_source(text, config)
+    if text.lower().startswith("file://"):
+        return _local_source(_file_url_path(text), config)
+    if any(c.isspace() for c in text):
+        raise SourceError(f"Source URL {shown!r} contains whitespace", hint=_FORMS)
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", text)
+    if scheme:
+        name = scheme.group(1).lower()
+        if name not in ("hf", "https", "http", "ssh", "git"):
+            raise SourceError(f"Unsupported URL scheme {name}:// in {shown!r}", hint=_FORMS)
+        if name == "hf":
+            if not text[5:].startswith("spaces/"):
+                raise SourceError(f"Not a Hugging Face Space: {shown!r}", hint=_HF_HINT)
+            return _hf_source(text[12:], "hf://", "", shown, config)
+        return _url_source(name + text[len(name) :], name, shown, config)
+    scp = _SCP.fullmatch(text)
+    if scp and (scp["user"] or "." in scp["host"]) and _HOST.fullmatch(scp["host"]):
+        segments = [s for s in scp["path"].split("/") if s]
+        return Source("git", text, text, _default_id(segments, scp["host"]))
+    scheme = _SCHEME.match(text)
+    if scheme:
+        raise SourceError(f"Unsupported URL scheme {scheme.group(1)}: in {shown!r}", hint=_FORMS)
+    raise SourceError(f"Not a Space source: {shown!r}", hint=_FORMS)
+
+
+def _hf_source(path: str, prefix: str, userinfo: str, shown: str, config) -> Source:
+    space = path.strip("/").removesuffix("/tree/main").removesuffix(".git")
+    try:
+        validate_space_id(space)
+    except InvalidInput:
+        raise SourceError(f"Not a Hugging Face Space: {shown!r}", hint=_HF_HINT) from None
+    endpoint = config.hf_endpoint.rstrip("/")
+    if userinfo:  # a token for a private Space travels to the configured endpoint
+        parts = urlsplit(endpoint)
+        endpoint = f"{parts.scheme}://{userinfo}@{parts.netloc}{parts.path}"
+    return Source("git", f"{endpoint}/spaces/{space}", f"{prefix}spaces/{space}", space)
+
+
+def _url_source(text: str, scheme: str, shown: str, config) -> Source:
+    try:
+        parts = urlsplit(text)
+        host, port = parts.hostname or "", parts.port
+    except ValueError:
+        raise SourceError(f"Malformed URL {shown!r}", hint=_FORMS) from None
+    if parts.query or parts.fragment or "?" in text or "#" in text:
+        raise SourceError(
+            f"Source URL {shown!r} has a ?query or #fragment, which git cannot use",
+            hint="give the repository's clone URL",
+        )
+    if not (_HOST.fullmatch(host) or ":" in host and re.fullmatch(r"[0-9a-f:.]+", host)):
+        raise SourceError(f"Source URL {shown!r} has no valid host name", hint=_FORMS)
+    hostport = (f"[{host}]" if ":" in host else host) + (f":{port}" if port else "")
+    if scheme in ("https", "http") and host in _HF_HOSTS | {urlsplit(config.hf_endpoint).hostname}:
+        if not parts.path.startswith("/spaces/"):
+            raise SourceError(
+                f"{shown!r} is a Hugging Face model or dataset, not a Space", hint=_HF_HINT
+            )
+        userinfo = parts.netloc.rpartition("@")[0]
+        return _hf_source(parts.path[8:], f"{scheme}://{hostport}/", userinfo, shown, config)
+    user = ""
+    if scheme == "ssh" and parts.username:  # an ssh user is an account name, not a secret
+        if not _USER.fullmatch(parts.username):
+            raise SourceError(f"Source URL {shown!r} has an invalid user name", hint=_FORMS)
+        user = parts.username + "@"
+    segments = [s for s in parts.path.split("/") if s]
+    if not segments:
+        raise SourceError(f"Source URL {shown!r} names no repository", hint=_FORMS)
+    display = f"{scheme}://{user}{hostport}{parts.path}"
+    return Source("git", text, display, _default_id(segments, host))
+
+
+def _file_url_path(text: str) -> str:
+    parts = urlsplit(text)
+    if parts.netloc not in ("", "localhost") or not parts.path:
+        raise SourceError(f"Unsupported file URL {text!r}", hint="use file:///absolute/path")
+    return unquote(parts.path)
+
+
+def _local_source(path_text: str, config) -> Source:
+    resolved = _vet_local(path_text, config)
+    name = _id_part(resolved.name.removesuffix(".git"))
+    return Source("local", str(resolved), str(resolved), f"local/{name}")
+
+
+def _vet_local(path_text: str, config) -> Path:
+    """Resolve a local source and check it is a git repository inside an allowed root."""
+    path = os.path.expanduser(path_text)
+    roots = config.local_source_roots
+    imported = config.imported_repos_path  # the appliance's own copies of bundled Spaces
+    if Path(path).resolve().is_relative_to(imported):
+        roots = [*roots, imported]
+    if not roots:
+        raise SourceError(
+            f"Local paths are not allowed as Space sources: {path}",
+            hint="allow a directory with APPLIANCE_LOCAL_SOURCES=/path/to/dir",
+        )
+    resolved = Path(path).resolve()
+    if not any(resolved.is_relative_to(root) for root in roots):
+        where = f" (resolves to {resolved})" if str(resolved) != path else ""
+        raise SourceError(
+            f"Local source {path}{where} is outside the allowed directories "
+            f"{':'.join(map(str, roots))}",
+            hint="move it under one of them, or add its directory to APPLIANCE_LOCAL_SOURCES",
+        )
+    if not resolved.is_dir():
+        raise SourceError(f"Local source {resolved} is not a directory", hint=_FORMS)
+    bare = (resolved / "HEAD").is_file() and (resolved / "objects").is_dir()
+    if not (resolved / ".git").exists() and not bare:
+        raise SourceError(
+            f"Local source {resolved} is not a git repository",
+            hint="run 'git init' there and commit the Space's files",
+        )
+    return resolved
+
+
+def _id_part(text: str) -> str:
+    cleaned = re.sub(r"\.{2,}", ".", re.sub(r"[^A-Za-z0-9._-]+", "-", text))
+    return cleaned.lstrip("._-")[:96] or "space"
+
+
+def _default_id(segments: list[str], host: str) -> str:
+    name = segments[-1].removesuffix(".git")
+    owner = segments[-2] if len(segments) > 1 else host
+    return f"{_id_part(owner)}/{_id_part(name)}"
+
+
+def _redact(text: str) -> str:
+    return _CREDENTIALS.sub(r"\1", text)
+
+
+class _GitFailed(Exception):
+    def __init__(self, op: str, lines: list[str]):
+        super().__init__(op)
+        self.op, self.lines = op, lines
+
+    def tail(self) -> str:
+        said = [line for line in self.lines if not line.lower().startswith("hint:")]
+        return " / ".join(said[-3:]) or "no output"
+
+
+class _Git:
+    """Run git for one source with prompts off, protocols limited and one deadline for all."""
+
+    def __init__(self, source: Source, config, log: Callable[[str], None]):
+        self.display, self.timeout, self.log = source.display, config.git_timeout, log
+        self.deadline = time.monotonic() + self.timeout
+        self.env = {k: v for k, v in os.environ.items() if k not in _REPO_VARS}
+        self.env.update(
+            GIT_TERMINAL_PROMPT="0",
+            GCM_INTERACTIVE="never",
+            GIT_LFS_SKIP_SMUDGE="1",  # LFS content is pulled explicitly, after the size check
+            LC_ALL="C",  # failures are recognised by git's English messages
+            GIT_ALLOW_PROTOCOL="file" if source.kind == "local" else "https:http:ssh:git",
+        )
+        if "GIT_SSH" not in self.env and "GIT_SSH_COMMAND" not in self.env:
+            self.env["GIT_SSH_COMMAND"] = "ssh -o BatchMode=yes"
+        parts = urlsplit(source.url) if source.kind == "git" else None
+        secret = parts and parts.scheme in ("https", "http") and (parts.password or parts.username)
+        # Tokens are long; a short user name like "git" would blank out ordinary words.
+        self.secrets = [unquote(secret), secret] if secret and len(secret) >= 8 else []
+
+    def redact(self, text: str) -> str:
+        text = _redact(text)
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def __call__(self, *args: str) -> str:
+        op = args[2] if args[0] == "-C" else args[0]
+        cmd = [_GIT, "-c", "protocol.ext.allow=never", "-c", "protocol.fd.allow=never", *args]
+        self.log(self.redact("$ git " + " ".join(args)))
+        pipe = subprocess.PIPE
+        try:
+            proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=pipe, stderr=pipe, env=self.env,
+                text=True, errors="replace", start_new_session=True,
+            )  # fmt: skip
+        except OSError as exc:
+            raise SourceError(
+                f"Cannot run git to fetch {self.display}: {exc.strerror or exc}",
+                hint="install git (apt-get install git)",
+            ) from None
+        with proc:
+            try:
+                out, err = proc.communicate(timeout=max(0.1, self.deadline - time.monotonic()))
+            except BaseException as exc:
+                _kill_group(proc)
+                proc.communicate()
+                if not isinstance(exc, subprocess.TimeoutExpired):
+                    raise
+                raise SourceError(
+                    f"git {op} of {self.display} timed out after {self.timeout} s",
+                    hint="the server is slow or unreachable: raise APPLIANCE_GIT_TIMEOUT, "
+                    "or use a local mirror",
+                ) from None
+        lines = [self.redact(line.rstrip()) for line in err.splitlines() if line.strip()]
+        for line in lines:
+            self.log(line)
+        if proc.returncode != 0:
+            raise _GitFailed(op, lines)
+        return out
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:  # git's helpers (remote-https, ssh, upload-pack) share its process group: end all
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _classify(failure: _GitFailed) -> str:
+    text = "\n".join(failure.lines).lower()
+    return next((kind for kind, (pattern, *_) in _FAILURES.items() if re.search(pattern, text)))
+
+
+def _explain(failure: _GitFailed, display: str, revision: str | None) -> SourceError:
+    kind = _classify(failure)
+    _, headline, hint = _FAILURES["other" if kind == "revision" and not revision else kind]
+    headline = headline.format(display=display, revision=revision)
+    return SourceError(f"{headline} (git: {failure.tail()})", hint=hint)
+
+
+def _quiet(line: str) -> None:
+    """Drop a log line: the default when the caller keeps no log."""
+
+
+def fetch(source: Source, dest: Path, revision: str | None, config, log=_quiet) -> str:
+    """Check out `revision` (or the default branch) of `source` into `dest`; return its sha."""
+    dest = Path(dest)
+    try:
+        revision = validate_revision(revision)
+    except InvalidInput as exc:
+        raise SourceError(exc.message, hint=exc.hint) from None
+    if dest.exists() or dest.is_symlink():
+        raise SourceError(f"Checkout directory {dest} already exists", hint="remove it first")
+    if not dest.parent.is_dir():
+        raise SourceError(f"Checkout directory {dest.parent} does not exist", hint="create it")
+    git = _Git(source, config, log)
+    try:
+        if source.kind == "local":
+            _vet_local(source.url, config)
+        sha = _check_out(git, source, dest, revision)
+        _fill_lfs(git, dest, config)
+        _check_size(dest, config, source.display)
+        return sha
+    except BaseException as exc:
+        shutil.rmtree(dest, ignore_errors=True)
+        if isinstance(exc, _GitFailed):
+            raise _explain(exc, source.display, revision) from None
+        if isinstance(exc, Exception) and not isinstance(exc, ApplianceError):
+            raise SourceError(
+                f"Cannot fetch {source.display}: {git.redact(str(exc))}",
+                hint="see the build log",
+            ) from exc
+        raise
+
+
+def _check_out(git: _Git, source: Source, dest: Path, revision: str | None) -> str:
+    url, target = source.url, str(dest)
+    # --no-local: make a local clone go through upload-pack, so --depth applies and the
+    # source's object store is copied, not hard-linked or followed through symlinks.
+    full_clone = ("clone", "--no-checkout", *(["--no-local"] * (source.kind == "local")))
+    shallow = ("clone", "--depth", "1", *(["--no-local"] * (source.kind == "local")))
+    if revision is None:
+        git(*shallow, "--", url, target)
+    elif _FULL_SHA.fullmatch(revision):
+        try:
+            git("init", "-q", "--", target)
+            git("-C", target, "remote", "add", "--", "origin", url)
+            git("-C", target, "fetch", "--depth", "1", "--", "origin", revision)
+        except _GitFailed as exc:
+            if _classify(exc) in ("unreachable", "auth", "tls"):
+                raise
+            git.log("the server refused a shallow fetch of a commit; cloning the full history")
+            shutil.rmtree(dest, ignore_errors=True)
+            git(*full_clone, "--", url, target)
+        git("-C", target, "checkout", "-q", "--detach", revision, "--")
+    else:
+        try:
+            git(*shallow, f"--branch={revision}", "--", url, target)
+        except _GitFailed as exc:
+            if not (_SHORT_SHA.fullmatch(revision) and _classify(exc) == "revision"):
+                raise
+            shutil.rmtree(dest, ignore_errors=True)
+            git(*full_clone, "--", url, target)
+            try:
+                commit = git("-C", target, *_VERIFY, f"{revision}^{{commit}}").strip()
+            except _GitFailed:
+                raise _GitFailed("rev-parse", [f"unknown revision {revision}"]) from None
+            git("-C", target, "checkout", "-q", "--detach", commit, "--")
+    try:
+        sha = git("-C", target, "rev-parse", "--verify", "HEAD").strip()
+    except _GitFailed:
+        raise SourceError(
+            f"Repository {source.display} has no commits", hint="push a commit, then retry"
+        ) from None
+    if revision and _FULL_SHA.fullmatch(revision) and sha != revision.lower():
+        raise SourceError(f"Checked out {sha} instead of {revision} from {source.display}")
+    return sha
+
+
+def _tree_files(root: Path):
+    """Yield the working tree's files (symlinks not followed), skipping the .git directory."""
+    for here, dirs, files in os.walk(root):
+        if here == str(root):
+            dirs[:] = [d for d in dirs if d != ".git"]
+        for name in files:
+            yield Path(here, name)
+
+
+def _git_lfs_available() -> bool:
+    try:
+        done = subprocess.run([_GIT, "lfs", "version"], capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+def _lfs_pointers(root: Path) -> dict[str, tuple[int, str]]:
+    """Map each Git LFS pointer file (relative path) to (the size of the content it stands
+    for, its sha256 oid)."""
+    found = {}
+    for path in _tree_files(root):
+        info = path.lstat()
+        if stat.S_ISREG(info.st_mode) and info.st_size < 1024:
+            data = path.read_bytes()
+            if data.startswith(_LFS_MAGIC):
+                size = re.search(rb"^size (\d+)$", data, re.MULTILINE)
+                oid = re.search(rb"^oid sha256:([0-9a-f]{64})$", data, re.MULTILINE)
+                found[path.relative_to(root).as_posix()] = (
+                    int(size[1]) if size else 0, oid[1].decode() if oid else "")
+    return dict(sorted(found.items()))
+
+
+def _some(names: list[str]) -> str:
+    """Name up to ten files, then how many more."""
+    return ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+
+
+def _fill_lfs(git: _Git, dest: Path, config) -> None:
+    pointers = _lfs_pointers(dest)
+    if not pointers:
+        return
+    if not _git_lfs_available():
+        raise SourceError(
+            f"{git.display} keeps files in Git LFS but git-lfs is not installed: "
+            f"{_some(list(pointers))}",
+            hint="install git-lfs (apt-get install git-lfs) and retry",
+        )
+    _check_size(dest, config, git.display, extra=sum(size for size, _ in pointers.values()))
+    try:
+        git("-C", str(dest), "lfs", "pull")
+    except _GitFailed as exc:
+        said = "\n".join(exc.lines)
+        missing = [name for name, (_, oid) in pointers.items() if oid and oid in said]
+        if missing and "missing object" in said.lower():
+            raise SourceError(
+                f"{git.display} keeps files in Git LFS that its server does not have: "
+                f"{_some(missing)}",
+                hint="push them from a clone that has them ('git lfs push --all origin'), or "
+                "pick a revision whose LFS files were pushed",
+            ) from None
+        raise
+
+
+def _check_size(root: Path, config, display: str, extra: int = 0) -> None:
+    total = sum(path.lstat().st_size for path in _tree_files(root)) + extra
+    limit = config.max_checkout_mb
+    if total > limit * 1024 * 1024:
+        raise SourceError(
+            f"Checkout of {display} is {total / 2**20:.1f} MiB, over the {limit} MiB limit",
+            hint="raise APPLIANCE_MAX_CHECKOUT_MB or slim the repository",
+        )
+
+
+def remote_head(source: Source, revision: str | None, config) -> str:
+    """Return the commit sha that `revision` (or the default branch) names on the remote."""
+    try:
+        revision = validate_revision(revision)
+    except InvalidInput as exc:
+        raise SourceError(exc.message, hint=exc.hint) from None
+    if revision and _FULL_SHA.fullmatch(revision):
+        return revision.lower()  # a full commit sha names itself
+    if source.kind == "local":
+        _vet_local(source.url, config)
+    wanted = ["HEAD"]
+    if revision:  # a branch wins over a tag of the same name, as with `git clone --branch`
+        wanted = [f"refs/heads/{revision}", f"refs/tags/{revision}^{{}}", f"refs/tags/{revision}"]
+    try:
+        out = _Git(source, config, _quiet)("ls-remote", "--", source.url, *wanted)
+    except _GitFailed as exc:
+        raise _explain(exc, source.display, revision) from None
+    refs = {ref: sha for sha, _, ref in (line.partition("\t") for line in out.splitlines())}
+    for ref in wanted:
+        if ref in refs and _FULL_SHA.fullmatch(refs[ref]):
+            return refs[ref].lower()
+    if revision is None:
+        raise SourceError(f"Repository {source.display} has no commits", hint="push a commit")
+    raise SourceError(
+        f"Revision {revision!r} not found in {source.display}",
+        hint="give a branch or tag that exists there (or a full 40-character commit sha)",
+    )

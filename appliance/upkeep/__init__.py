@@ -1,0 +1,1 @@
+"""Keeping Spaces running: reconcile, health, sleep/wake, updates, housekeeping, scheduler."""

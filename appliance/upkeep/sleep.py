@@ -1,0 +1,76 @@
+"""Sleep and wake: idle Spaces stop and free what they hold; a request wakes them again."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from .. import stages
+from ..adapters import router
+from ..core import jobs, spaces
+from ..errors import InvalidInput
+
+SLEEPING = "sleeping"  # `desired` of a Space asleep: a request through its url wakes it
+
+
+@dataclass
+class SleepReport:
+    slept: list[str] = field(default_factory=list)
+    woken: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.slept or self.woken)
+
+
+def set_sleep_time(ctx: spaces.Context, space_id: str, seconds: int | None) -> dict:
+    """Set how long a Space may sit idle before it sleeps (None: never)."""
+    if seconds is not None and seconds < 60:
+        raise InvalidInput(f"Sleep time must be at least 60 seconds, got {seconds}",
+                           hint="give seconds >= 60, or 'never'")
+    ctx.store.get_space(space_id)
+    ctx.store.update_space(space_id, actor=ctx.actor, event="sleep-time",
+                           detail={"seconds": seconds}, sleep_after=seconds)
+    return spaces.describe(ctx, space_id)
+
+
+def _seconds_since(stamp: str | None, now: float) -> float:
+    if not stamp:
+        return float("inf")
+    return now - datetime.fromisoformat(stamp).timestamp()
+
+
+def sleep_once(ctx: spaces.Context, now: float | None = None) -> SleepReport:
+    """Put to sleep every running Space idle (no proxied request) for its sleep time."""
+    now = time.time() if now is None else now
+    report = SleepReport()
+    for row in ctx.store.list_spaces():
+        if (row["sleep_after"] is None or row["stage"] != stages.RUNNING
+                or row["desired"] != "running" or spaces.worker_alive(row)):
+            continue
+        # Idle since the last request, or since it (re)started serving if none came since.
+        idle = min(_seconds_since(row["last_request_at"], now),
+                   _seconds_since(row["updated_at"], now))
+        if idle >= row["sleep_after"]:
+            ctx.store.update_space(row["id"], wake_requested_at=None)
+            spaces.stop(ctx, row["id"], desired=SLEEPING, event="sleep")
+            report.slept.append(row["id"])
+    return report
+
+
+def wake_once(ctx: spaces.Context, spawn=jobs.spawn_job) -> SleepReport:
+    """Start every sleeping Space that a request asked to wake (paused ones never wake)."""
+    report = SleepReport()
+    router.ensure_router(ctx.config)
+    for row in ctx.store.list_spaces():
+        if row["desired"] != SLEEPING or not row["wake_requested_at"]:
+            continue
+        if spaces.worker_alive(row):
+            continue
+        ctx.store.update_space(row["id"], actor=ctx.actor, event="wake",
+                               detail={"requested_at": row["wake_requested_at"]},
+                               wake_requested_at=None)
+        spawn(ctx, row["id"], "start")
+        report.woken.append(row["id"])
+    return report
