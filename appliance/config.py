@@ -91,6 +91,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("pip_extra_index_url", "", "PIP_EXTRA_INDEX_URL for builds."),
     Setting("pip_trusted_host", "", "PIP_TRUSTED_HOST for builds (a plain-http local mirror)."),
     Setting("build_timeout", 3600, "Seconds a build may take before it is stopped.", int),
+    Setting("build_resolution", "dated",
+            "How gradio/streamlit Spaces' Python packages are resolved when a revision is "
+            "first built: dated (as of the revision's commit time) or latest (today's "
+            "packages, as Hugging Face does). A Space may choose its own."),
+    Setting("package_cache_dir", "",
+            "The box's package cache (wheels the builds install, shared by all Spaces); empty: "
+            "<data_dir>/cache/packages."),
+    Setting("package_cache_gb", 20.0,
+            "GiB the package cache may hold before housekeeping removes the least recently "
+            "used files (never one a kept revision's lock names).", float),
+    Setting("package_timeout", 60,
+            "Seconds without an answer from the package index before a resolution or a "
+            "download gives up.", int),
     Setting("space_cpus", 2.0, "CPU limit per Space, where the host can enforce limits.", float),
     Setting("space_memory_mb", 16384, "Memory limit per Space in MiB, where enforceable.", int),
     Setting("space_pids_limit", 4096, "Process limit per Space, where enforceable.", int),
@@ -213,6 +226,11 @@ class Config:
         import hashlib
 
         return hashlib.sha256(str(self.data_path.resolve()).encode()).hexdigest()[:12]
+
+    @property
+    def package_cache_path(self) -> Path:
+        return Path(self.package_cache_dir) if self.package_cache_dir else (
+            self.data_path / "cache" / "packages")
 
     @property
     def db_path(self) -> Path:

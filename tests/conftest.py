@@ -14,23 +14,27 @@ REPO = Path(__file__).resolve().parents[1]
 SERVICE_USER = "appliance"
 
 
-def git(cwd: Path, *args: str) -> str:
+def git(cwd: Path, *args: str, date: str | None = None) -> str:
+    """Run git in cwd; date (e.g. "2024-10-15T12:00:00Z") stamps a commit as made then."""
+    env = {**os.environ, "GIT_AUTHOR_DATE": date, "GIT_COMMITTER_DATE": date} if date else None
     return subprocess.run(
         ["git", "-c", "user.name=Test", "-c", "user.email=test@example.com", *args],
-        cwd=cwd, check=True, capture_output=True, text=True,
+        cwd=cwd, check=True, capture_output=True, text=True, env=env,
     ).stdout.strip()
 
 
-def make_space_repo(path: Path, files: dict[str, str]) -> Path:
+def make_space_repo(path: Path, files: dict[str, str], date: str | None = None) -> Path:
     """Create a git repository holding files (a Space), committed on branch main."""
     path.mkdir(parents=True, exist_ok=True)
     git(path, "init", "-q", "-b", "main")
-    commit(path, files, "initial")
+    commit(path, files, "initial", date=date)
     return path
 
 
-def commit(path: Path, files: dict[str, str | None], message: str) -> str:
-    """Write (or delete, with None) files and commit; return the new sha."""
+def commit(path: Path, files: dict[str, str | None], message: str, date: str | None = None
+           ) -> str:
+    """Write (or delete, with None) files and commit (made at date, when given); return the
+    new sha."""
     for name, content in files.items():
         target = path / name
         if content is None:
@@ -39,7 +43,7 @@ def commit(path: Path, files: dict[str, str | None], message: str) -> str:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(content)
     git(path, "add", "-A")
-    git(path, "commit", "-q", "-m", message)
+    git(path, "commit", "-q", "-m", message, date=date)
     return git(path, "rev-parse", "HEAD")
 
 
@@ -77,6 +81,11 @@ def podman_ready() -> None:
     Runtime(load_config({})).info()
 
 
+# The package files builds install, kept between runs on this machine so a second run does
+# not download them again (a cache: a fresh machine fills it, nothing depends on it).
+PACKAGE_CACHE = Path("/var/cache/appliance/test-packages")
+
+
 @pytest.fixture(scope="module")
 def appliance_env(tmp_path_factory, podman_ready):
     """A fresh data dir and Space sources dir, and a context on the real Podman."""
@@ -92,6 +101,7 @@ def appliance_env(tmp_path_factory, podman_ready):
         {}, data_dir=str(root / "data"), local_sources=str(sources_dir),
         port_range=f"{low}-{low + 39}", startup_timeout_cap=180, drain_seconds=3,
         health_initial_delay=0,  # tests sweep right after a deploy; the delay has its own test
+        package_cache_dir=str(PACKAGE_CACHE),
     )
     ctx = spaces.open_context(config, actor="test")
     yield ctx, sources_dir

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -11,9 +12,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from appliance.config import load_config
-from appliance.core import builds
+from appliance.core import builds, packages
 from appliance.core.builds import (
     BuildLog,
+    Locked,
     build_env,
     choose_python,
     dockerfile_bases,
@@ -23,6 +25,7 @@ from appliance.core.builds import (
     space_image_plan,
 )
 from appliance.core.manifest import Manifest, parse_manifest
+from appliance.core.packages import Pin
 from appliance.errors import BuildFailed, InvalidInput
 
 SDK_IMAGE = "localhost/appliance-sdk:gradio-5.9.1-py3.11-0123abcd"
@@ -32,7 +35,6 @@ CA_MOUNT = "--mount=type=secret,id=cacert,mode=0444"
 # What podman accepts as a repository (lower-case path) and as a tag.
 REPOSITORY = re.compile(r"[a-z0-9][a-z0-9._/-]*")
 TAG = re.compile(r"[\w][\w.-]{0,127}")
-COPY_APP = "COPY --chown=1000:1000 . /home/user/app"
 
 
 def manifest(front_matter: str) -> Manifest:
@@ -74,74 +76,120 @@ def ca_file(tmp_path: Path) -> Path:
     return path
 
 
+def pin(name: str, version: str = "1.0", wheel: bool = True, direct: str | None = None
+        ) -> Pin:
+    if direct:
+        return Pin(name, version, None, None, None, None, direct=direct)
+    filename = f"{name}-{version}-py3-none-any.whl" if wheel else f"{name}-{version}.tar.gz"
+    return Pin(name, version, filename, f"https://files.example/{filename}",
+               hashlib.sha256(name.encode()).hexdigest(), 10)
+
+
+def locked(tmp_path: Path, sdk: list[Pin], space: list[Pin]) -> Locked:
+    files = {}
+    for one in sdk + space:
+        if one.filename:
+            files[one.filename] = tmp_path / "cache" / one.filename
+    return Locked(text='lock-version = "1.0"\n', sdk_pins=sdk, space_pins=space, files=files)
+
+
+SPACE_TXT = ("COPY --chown=1000:1000 .appliance-space.txt "
+             "/home/user/.appliance/space-requirements.txt")
+LOCK_COPY = "COPY --chown=1000:1000 .appliance-lock.toml /home/user/.appliance/pylock.toml"
+COPY_APP = "COPY --chown=1000:1000 app/ /home/user/app/"
+
+
+def install_lines(lines: list[str]) -> list[str]:
+    return [line for line in lines if "uv pip install" in line]
+
+
 # -- space_image_plan ---------------------------------------------------------------------
 
 
-def test_gradio_space_installs_each_input_file_right_after_copying_it_and_copies_code_last(
-    tmp_path,
-):
-    plan = space_plan(
-        tmp_path, "sdk: gradio\nsdk_version: 5.9.1\napp_file: src/main.py",
-        {"src/main.py": "print()\n", "packages.txt": "ffmpeg\n",
-         "pre-requirements.txt": "pip>=24\n", "requirements.txt": "numpy\n"},
-    )
+def test_gradio_space_installs_its_own_locked_packages_then_copies_code_last(tmp_path):
+    extra = [pin("numpy", "1.26.4"), pin("tqdm", "4.66.0")]
+    plan = space_image_plan(
+        "alice/demo", REVISION, checkout(tmp_path, {
+            "src/main.py": "print()\n", "packages.txt": "ffmpeg\n",
+            "pre-requirements.txt": "pip>=24\n", "requirements.txt": "numpy\n"}),
+        manifest("sdk: gradio\nsdk_version: 5.9.1\napp_file: src/main.py"), SDK_IMAGE, {}, {},
+        config(), locked(tmp_path, [pin("gradio", "5.9.1")], extra))
     lines = containerfile_lines(plan)
     assert plan.containerfile == ".appliance.Containerfile"
     assert lines[0] == f"FROM {SDK_IMAGE}"
     steps = [
         "USER root",
-        "COPY packages.txt /tmp/packages.txt",
+        "COPY app/packages.txt /tmp/packages.txt",
         next(line for line in lines if line.startswith("RUN apt-get update")),
         "USER user",
-        "ARG PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_TRUSTED_HOST",
-        "COPY --chown=1000:1000 pre-requirements.txt /tmp/pre-requirements.txt",
-        "RUN pip install --no-cache-dir -r /tmp/pre-requirements.txt",
-        "COPY --chown=1000:1000 requirements.txt /tmp/requirements.txt",
-        "RUN pip install --no-cache-dir -r /tmp/requirements.txt",
-        'RUN pip install --no-cache-dir "gradio[oauth]==5.9.1"',
+        "ARG UV_DEFAULT_INDEX UV_INDEX UV_INSECURE_HOST",
+        SPACE_TXT,
+        install_lines(lines)[0],
+        LOCK_COPY,
         COPY_APP,
         'CMD ["python", "src/main.py"]',
     ]
-    # Consecutive line indexes: each file is copied alone right before the step using it,
+    # Consecutive line indexes: each input is copied alone right before the step using it,
     # and the whole app comes last, so a code-only change reuses every earlier layer.
     assert [lines.index(step) for step in steps] == list(range(1, 1 + len(steps)))
     assert len(lines) == 2 + len(steps) and lines[-1].startswith("LABEL ")
-    assert "apt-get install" in steps[2] and "/tmp/packages.txt" in steps[2]
-    assert plan.context["."] == tmp_path / "checkout"
+    # Only the Space's own pins, hash-checked, from the mounted cache, with no index.
+    install = install_lines(lines)[0]
+    assert install.startswith("RUN --mount=type=bind,source=.appliance-wheels,target=/tmp/wheels")
+    for option in ("--no-deps", "--require-hashes", "--offline", "--no-index",
+                   "--find-links /tmp/wheels", "-r /home/user/.appliance/space-requirements.txt"):
+        assert option in install
+    assert plan.context[".appliance-space.txt"].decode() == (
+        f"numpy==1.26.4 --hash=sha256:{extra[0].sha256}\n"
+        f"tqdm==4.66.0 --hash=sha256:{extra[1].sha256}\n")
+    assert plan.context[".appliance-wheels/numpy-1.26.4-py3-none-any.whl"] == \
+        tmp_path / "cache" / "numpy-1.26.4-py3-none-any.whl"
+    assert ".appliance-wheels/gradio-5.9.1-py3-none-any.whl" not in plan.context  # SDK layer
+    assert plan.context["app"] == tmp_path / "checkout"
+    assert plan.context[".appliance-lock.toml"] == b'lock-version = "1.0"\n'
 
 
-def test_gradio_space_without_packages_or_requirements_has_no_install_steps(tmp_path):
-    plan = space_plan(tmp_path, "sdk: gradio\nsdk_version: 5.9.1", {"app.py": "print()\n"})
+def test_gradio_space_whose_lock_is_all_sdk_has_no_install_steps(tmp_path):
+    plan = space_image_plan(
+        "alice/demo", REVISION, checkout(tmp_path, {"app.py": "print()\n"}),
+        manifest("sdk: gradio\nsdk_version: 5.9.1"), SDK_IMAGE, {}, {}, config(),
+        locked(tmp_path, [pin("gradio", "5.9.1")], []))
     lines = containerfile_lines(plan)
     # Nothing installs, so no ARG step either: a code-only change rebuilds three steps.
-    assert lines[:3] == [f"FROM {SDK_IMAGE}", COPY_APP, 'CMD ["python", "app.py"]']
-    assert len(lines) == 4 and lines[3].startswith("LABEL ")
+    assert lines[:4] == [f"FROM {SDK_IMAGE}", LOCK_COPY, COPY_APP, 'CMD ["python", "app.py"]']
+    assert len(lines) == 5 and lines[4].startswith("LABEL ")
 
 
-def test_gradio_space_with_only_requirements_skips_apt_and_pre_requirements(tmp_path):
-    plan = space_plan(tmp_path, "sdk: gradio\nsdk_version: 5.9.1",
-                      {"app.py": "", "requirements.txt": "numpy\n"})
+def test_an_sdist_in_the_lock_lets_the_install_reach_the_index_for_its_build(tmp_path):
+    plan = space_image_plan(
+        "alice/demo", REVISION, checkout(tmp_path, {"app.py": ""}),
+        manifest("sdk: gradio\nsdk_version: 5.9.1"), SDK_IMAGE, {}, {}, config(),
+        locked(tmp_path, [], [pin("oldpkg", "0.1", wheel=False)]))
+    install = install_lines(containerfile_lines(plan))[0]
+    assert "--offline" not in install and "--no-index" not in install
+    assert "--require-hashes" in install
+
+
+def test_a_git_requirement_is_installed_from_a_file_never_the_command_line(tmp_path):
+    hostile = 'evil @ git+https://git.example/x"; touch /pwned; echo "@abc'
+    plan = space_image_plan(
+        "alice/demo", REVISION, checkout(tmp_path, {"app.py": ""}),
+        manifest("sdk: gradio\nsdk_version: 5.9.1"), SDK_IMAGE, {}, {}, config(),
+        locked(tmp_path, [], [pin("evil", direct=hostile)]))
     text = plan.context[plan.containerfile].decode()
-    assert "USER root" not in text and "apt-get" not in text and "packages.txt" not in text
-    assert "pre-requirements" not in text
-    assert "-r /tmp/requirements.txt" in text
+    assert "touch /pwned" not in text
+    assert plan.context[".appliance-direct.txt"].decode() == hostile + "\n"
+    assert "-r /home/user/.appliance/direct-requirements.txt" in text
 
 
-def test_space_without_sdk_version_repins_the_sdk_unpinned(tmp_path):
-    plan = space_plan(tmp_path, "sdk: gradio", {"app.py": "", "requirements.txt": "numpy\n"})
-    lines = containerfile_lines(plan)
-    assert lines[lines.index(COPY_APP) - 1] == 'RUN pip install --no-cache-dir "gradio[oauth]"'
-
-
-def test_space_pip_installs_use_the_ca_bundle_secret_when_configured(tmp_path):
+def test_space_installs_use_the_ca_bundle_secret_when_configured(tmp_path):
     ca = ca_file(tmp_path)
-    plan = space_plan(tmp_path, "sdk: gradio\nsdk_version: 5.9.1",
-                      {"app.py": "", "requirements.txt": "numpy\n"},
-                      cfg=config(build_ca_bundle=str(ca)))
-    pip_lines = [line for line in containerfile_lines(plan) if "pip install" in line]
-    assert len(pip_lines) == 2
-    assert all(line.startswith(f"RUN {CA_MOUNT} PIP_CERT=/run/secrets/cacert ")
-               for line in pip_lines)
+    plan = space_image_plan(
+        "alice/demo", REVISION, checkout(tmp_path, {"app.py": ""}),
+        manifest("sdk: gradio\nsdk_version: 5.9.1"), SDK_IMAGE, {}, {},
+        config(build_ca_bundle=str(ca)), locked(tmp_path, [], [pin("numpy")]))
+    install = install_lines(containerfile_lines(plan))[0]
+    assert f"{CA_MOUNT} PIP_CERT=/run/secrets/cacert SSL_CERT_FILE=/run/secrets/cacert " in install
     assert plan.secrets == {"cacert": ca.read_bytes()}
 
 
@@ -155,20 +203,18 @@ def test_space_plan_is_tagged_and_labelled_with_its_revision(tmp_path):
     assert containerfile_lines(plan)[-1] == (
         f'LABEL "appliance.space"="alice/demo" "appliance.revision"="{REVISION}" '
         f'"appliance.role"="space" "appliance.instance"="{config().instance_id}"')
-    assert plan.buildargs == {"PIP_INDEX_URL": "http://mirror.lan/simple"}
+    assert plan.buildargs == {"PIP_INDEX_URL": "http://mirror.lan/simple",
+                              "UV_DEFAULT_INDEX": "http://mirror.lan/simple"}
 
 
 def test_streamlit_space_runs_streamlit_headless_on_its_port(tmp_path):
     plan = space_plan(tmp_path, "sdk: streamlit\nsdk_version: 1.40.0\napp_file: ui.py",
                       {"ui.py": "", "requirements.txt": "pandas\n"})
-    lines = containerfile_lines(plan)
-    command = cmd(lines)
+    command = cmd(containerfile_lines(plan))
     assert command[:3] == ["streamlit", "run", "ui.py"]
     for option in ("--server.port=8501", "--server.address=0.0.0.0", "--server.headless=true",
                    "--server.enableXsrfProtection=false"):
         assert option in command
-    # The SDK pin has no [oauth] extra for streamlit.
-    assert lines[lines.index(COPY_APP) - 1] == 'RUN pip install --no-cache-dir "streamlit==1.40.0"'
 
 
 def test_static_space_installs_nothing_and_serves_its_index_on_7860(tmp_path):
@@ -181,6 +227,17 @@ def test_static_space_installs_nothing_and_serves_its_index_on_7860(tmp_path):
     assert lines == [f"FROM {SDK_IMAGE}", COPY_APP, lines[-2], lines[-1]]
     assert cmd(lines) == ["python3", "/home/user/.static_server.py", "--root", "/home/user/app",
                           "--index", "site/home.html", "--port", "7860"]
+
+
+@pytest.mark.parametrize("app_file", ['x".html', "a\\b.html", "$HOME.html", "é ü.html",
+                                      "x\nRUN touch /pwned"])
+def test_a_hostile_app_file_stays_one_argument_of_an_exec_form_cmd(tmp_path, app_file):
+    plan = space_image_plan(
+        "alice/demo", REVISION, checkout(tmp_path, {"index.html": ""}),
+        Manifest(sdk="static", app_file=app_file), SDK_IMAGE, {}, {}, config())
+    lines = containerfile_lines(plan)
+    assert cmd(lines)[5] == app_file  # JSON, so Podman runs it in exec form, no shell
+    assert not any(line.startswith("RUN touch") for line in lines)
 
 
 def test_docker_space_builds_its_dockerfile_with_variables_as_args_and_secrets_apart(tmp_path):
@@ -208,62 +265,82 @@ def test_docker_space_without_dockerfile_fails_with_a_hint(tmp_path):
 
 # -- sdk_image_plan -----------------------------------------------------------------------
 
+SDK_PINS = [pin("gradio", "5.9.1"), pin("spaces", "0.30.0")]
 
-def test_gradio_sdk_layer_pins_the_sdk_version():
-    plan = sdk_image_plan(manifest("sdk: gradio\nsdk_version: 5.9.1"), "3.11", BASE_IMAGE,
-                          config())
+
+def sdk_plan(front_matter: str, cfg=None, pins=None, python="3.11", base=BASE_IMAGE,
+             tmp_path=Path("/nonexistent")):
+    pins = SDK_PINS if pins is None else pins
+    files = {p.filename: tmp_path / p.filename for p in pins if p.filename}
+    return sdk_image_plan(manifest(front_matter), python, base, cfg or config(), pins, files)
+
+
+def test_gradio_sdk_layer_installs_the_locked_closure_with_uv():
+    plan = sdk_plan("sdk: gradio\nsdk_version: 5.9.1")
     lines = containerfile_lines(plan)
     assert lines[0] == f"FROM {BASE_IMAGE}"
-    assert 'RUN pip install --no-cache-dir "gradio[oauth]==5.9.1" spaces' in lines
+    assert "COPY .appliance-uv /usr/local/bin/uv" in lines
+    assert plan.context[".appliance-uv"] == packages.uv_binary()
+    install = install_lines(lines)[0]
+    assert "--offline --no-index" in install and "--require-hashes" in install
+    assert plan.context[".appliance-sdk.txt"].decode().splitlines() == [
+        f"gradio==5.9.1 --hash=sha256:{SDK_PINS[0].sha256}",
+        f"spaces==0.30.0 --hash=sha256:{SDK_PINS[1].sha256}"]
     assert plan.tag.startswith("localhost/appliance-sdk:gradio-5.9.1-py3.11-")
     assert lines[-1] == 'LABEL "appliance.role"="sdk"'
     assert plan.secrets == {}
 
 
-def test_sdk_layer_without_sdk_version_is_unpinned_and_tagged_latest():
-    plan = sdk_image_plan(manifest("sdk: gradio"), "3.11", BASE_IMAGE, config())
-    text = plan.context[plan.containerfile].decode()
-    assert 'pip install --no-cache-dir "gradio[oauth]" spaces' in text
-    assert "==" not in text
-    assert "gradio-latest-py3.11-" in plan.tag
+def test_the_user_owns_every_folder_a_volume_is_mounted_under_and_pythonpath_is_the_app():
+    text = sdk_plan("sdk: gradio\nsdk_version: 5.9.1").context[".appliance.Containerfile"]
+    text = text.decode()
+    assert "install -d -o 1000 -g 1000 /home/user /home/user/app /data /home/user/.cache " in text
+    assert "/home/user/.cache/huggingface" in text
+    assert "PYTHONPATH=/home/user/app" in text and "SYSTEM=spaces" in text
 
 
-def test_streamlit_sdk_layer_pins_streamlit():
-    plan = sdk_image_plan(manifest("sdk: streamlit\nsdk_version: 1.40.0"), "3.11", BASE_IMAGE,
-                          config())
-    assert 'RUN pip install --no-cache-dir "streamlit==1.40.0"' in containerfile_lines(plan)
+def test_sdk_layer_without_sdk_version_is_tagged_latest():
+    assert "gradio-latest-py3.11-" in sdk_plan("sdk: gradio").tag
+
+
+def test_sdk_layers_whose_closures_differ_never_share_a_tag():
+    first = sdk_plan("sdk: gradio\nsdk_version: 5.9.1")
+    other = sdk_plan("sdk: gradio\nsdk_version: 5.9.1",
+                     pins=[pin("gradio", "5.9.1"), pin("spaces", "0.31.0")])
+    assert first.tag != other.tag
+    assert first.tag == sdk_plan("sdk: gradio\nsdk_version: 5.9.1").tag
+
+
+def test_streamlit_sdk_layer_is_tagged_with_streamlit():
+    plan = sdk_plan("sdk: streamlit\nsdk_version: 1.40.0", pins=[pin("streamlit", "1.40.0")])
     assert plan.tag.startswith("localhost/appliance-sdk:streamlit-1.40.0-py3.11-")
 
 
 @pytest.mark.parametrize("front_matter", ["sdk: gradio\nsdk_version: 5.9.1", "sdk: gradio",
                                           "sdk: streamlit\nsdk_version: 1.40.0", "sdk: static"])
 def test_sdk_layer_tag_is_a_valid_podman_reference(front_matter):
-    plan = sdk_image_plan(manifest(front_matter), "3.11", BASE_IMAGE, config())
-    repository, tag = plan.tag.rsplit(":", 1)
+    repository, tag = sdk_plan(front_matter).tag.rsplit(":", 1)
     assert REPOSITORY.fullmatch(repository) and TAG.fullmatch(tag)
 
 
 def test_sdk_layer_tag_is_stable_for_identical_inputs(tmp_path):
     ca = ca_file(tmp_path)
-    first = sdk_image_plan(manifest("sdk: gradio\nsdk_version: 5.9.1"), "3.11", BASE_IMAGE,
-                           config(build_ca_bundle=str(ca)))
-    again = sdk_image_plan(manifest("sdk: gradio\nsdk_version: 5.9.1"), "3.11", BASE_IMAGE,
-                           config(build_ca_bundle=str(ca)))
+    first = sdk_plan("sdk: gradio\nsdk_version: 5.9.1", config(build_ca_bundle=str(ca)))
+    again = sdk_plan("sdk: gradio\nsdk_version: 5.9.1", config(build_ca_bundle=str(ca)))
     assert first.tag == again.tag
 
 
 def test_sdk_layer_tag_changes_with_python_version():
-    gradio = manifest("sdk: gradio\nsdk_version: 5.9.1")
-    older = sdk_image_plan(gradio, "3.10", "localhost/appliance-python:3.10", config())
-    newer = sdk_image_plan(gradio, "3.11", BASE_IMAGE, config())
+    older = sdk_plan("sdk: gradio\nsdk_version: 5.9.1", python="3.10",
+                     base="localhost/appliance-python:3.10")
+    newer = sdk_plan("sdk: gradio\nsdk_version: 5.9.1")
     assert "-py3.10-" in older.tag and "-py3.11-" in newer.tag
 
 
 def test_sdk_layer_tag_changes_when_the_ca_bundle_is_switched_on(tmp_path):
-    gradio = manifest("sdk: gradio\nsdk_version: 5.9.1")
-    without = sdk_image_plan(gradio, "3.11", BASE_IMAGE, config())
-    with_ca = sdk_image_plan(gradio, "3.11", BASE_IMAGE,
-                             config(build_ca_bundle=str(ca_file(tmp_path))))
+    without = sdk_plan("sdk: gradio\nsdk_version: 5.9.1")
+    with_ca = sdk_plan("sdk: gradio\nsdk_version: 5.9.1",
+                       config(build_ca_bundle=str(ca_file(tmp_path))))
     assert without.tag != with_ca.tag
 
 
@@ -280,40 +357,38 @@ def test_sdk_layer_tag_changes_when_the_static_server_changes(tmp_path, monkeypa
 
 def test_static_sdk_layer_ships_the_static_server_and_installs_no_packages():
     plan = sdk_image_plan(manifest("sdk: static"), "3.11", BASE_IMAGE, config())
-    gradio = sdk_image_plan(manifest("sdk: gradio"), "3.11", BASE_IMAGE, config())
+    gradio = sdk_plan("sdk: gradio")
     assert plan.context["static_server.py"] == builds.STATIC_SERVER.read_bytes()
     lines = containerfile_lines(plan)
     assert "COPY static_server.py /home/user/.static_server.py" in lines
-    assert not any("pip install" in line for line in lines)
+    assert not any("install" in line and "uv" in line for line in lines)
+    assert ".appliance-uv" not in plan.context
     assert plan.tag.startswith("localhost/appliance-sdk:static-latest-py3.11-")
     assert plan.tag.rsplit("-", 1)[1] != gradio.tag.rsplit("-", 1)[1]
 
 
 def test_sdk_layer_mounts_the_ca_bundle_as_a_secret_when_configured(tmp_path):
     ca = ca_file(tmp_path)
-    plan = sdk_image_plan(manifest("sdk: gradio\nsdk_version: 5.9.1"), "3.11", BASE_IMAGE,
-                          config(build_ca_bundle=str(ca)))
-    pip_line = next(line for line in containerfile_lines(plan) if "pip install" in line)
-    assert pip_line.startswith(
-        f"RUN {CA_MOUNT} PIP_CERT=/run/secrets/cacert SSL_CERT_FILE=/run/secrets/cacert pip ")
+    plan = sdk_plan("sdk: gradio\nsdk_version: 5.9.1", config(build_ca_bundle=str(ca)))
+    install = install_lines(containerfile_lines(plan))[0]
+    assert f"{CA_MOUNT} PIP_CERT=/run/secrets/cacert SSL_CERT_FILE=/run/secrets/cacert " in install
     assert plan.secrets == {"cacert": ca.read_bytes()}
     # The bundle travels as a secret, never in the context.
-    assert all(ca.read_bytes() not in value for value in plan.context.values())
+    assert all(not isinstance(value, bytes) or ca.read_bytes() not in value
+               for value in plan.context.values())
 
 
 def test_sdk_layer_has_no_ca_mount_when_the_bundle_is_set_empty():
-    plan = sdk_image_plan(manifest("sdk: gradio\nsdk_version: 5.9.1"), "3.11", BASE_IMAGE,
-                          config(build_ca_bundle=""))
+    plan = sdk_plan("sdk: gradio\nsdk_version: 5.9.1", config(build_ca_bundle=""))
     text = plan.context[plan.containerfile].decode()
-    assert "--mount" not in text and "PIP_CERT" not in text
+    assert "type=secret" not in text and "PIP_CERT" not in text
     assert plan.secrets == {}
 
 
 def test_missing_ca_bundle_names_the_path_and_the_setting(tmp_path):
     missing = tmp_path / "no-such-ca.pem"
     with pytest.raises(InvalidInput) as caught:
-        sdk_image_plan(manifest("sdk: gradio"), "3.11", BASE_IMAGE,
-                       config(build_ca_bundle=str(missing)))
+        sdk_plan("sdk: gradio", config(build_ca_bundle=str(missing)))
     assert str(missing) in caught.value.message
     assert "APPLIANCE_BUILD_CA_BUNDLE" in caught.value.hint
 
@@ -500,7 +575,6 @@ def test_sdk_layer_tag_stays_a_valid_reference_for_a_local_version_label():
     manifest = parse_manifest("---\nsdk: gradio\nsdk_version: 5.9.1+cpu\n---\n")
     plan = builds.sdk_image_plan(manifest, "3.11", "base", load_config({}, build_ca_bundle=""))
     assert re.fullmatch(r"localhost/appliance-sdk:[\w][\w.-]{0,127}", plan.tag)
-    assert '"gradio[oauth]==5.9.1+cpu"' in plan.context[".appliance.Containerfile"].decode()
 
 
 def test_choose_python_skips_base_tags_that_are_not_versions():
@@ -522,3 +596,22 @@ def test_build_log_redacts_a_multi_line_secret_arriving_line_by_line(tmp_path):
 def test_dockerfile_bases_reads_a_dockerfile_that_starts_with_a_bom(tmp_path):
     (tmp_path / "Dockerfile").write_text("\ufeffFROM python:3.11\n")
     assert builds.dockerfile_bases(tmp_path) == ["python:3.11"]
+
+
+@pytest.mark.parametrize("line, host", [
+    ("WARNING: Retrying (Retry(total=4)) after connection broken by 'NewConnectionError('"
+     "<pip._vendor.urllib3.connection.HTTPSConnection object>: Failed to establish a new "
+     "connection: [Errno -3] Temporary failure in name resolution')': /simple/flask/", None),
+    ("Err:1 http://deb.debian.org/debian bookworm InRelease  Temporary failure resolving "
+     "'deb.debian.org'", "deb.debian.org"),
+    ("curl: (6) Could not resolve host: example.org", "example.org"),
+    ("fatal: unable to access 'https://github.com/x/y.git/': Could not resolve host: "
+     "github.com", "github.com"),
+])
+def test_a_docker_build_that_cannot_reach_the_network_says_so_first(line, host):
+    tail = ["STEP 3/5: RUN pip install flask", line, "ERROR: No matching distribution found"]
+    text = explain_failure("building at STEP \"RUN pip install flask\": exit status 1", tail,
+                           ["python:3.11"])
+    first = text.splitlines()[0]
+    assert first.startswith(f"The build could not reach {host or ''}")
+    assert "APPLIANCE_BUILD_HTTPS_PROXY" in text and "--- last lines of the build log ---" in text

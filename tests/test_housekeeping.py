@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ import pytest
 
 from appliance import stages
 from appliance.config import load_config
-from appliance.core import spaces
+from appliance.core import packages, spaces
 from appliance.errors import ApplianceError
 from appliance.upkeep import housekeeping
 
@@ -256,6 +257,47 @@ def test_prune_keeps_the_current_and_previous_checkouts_and_removes_the_rest(ctx
     assert (busy / ("e" * 40)).is_dir()
     # Podman is unreachable here: the images part is reported, the checkouts still pruned.
     assert report.errors == [f"cannot list images: Cannot reach Podman at {NO_PODMAN}"]
+
+
+def _cached_file(ctx, name: str, size: int, used_at: float) -> packages.Pin:
+    body = name.encode() * (size // len(name))
+    pin = packages.Pin(name, "1.0", f"{name}-1.0-py3-none-any.whl", None,
+                       hashlib.sha256(body).hexdigest(), len(body))
+    path = packages.cached_path(ctx.config.package_cache_path, pin)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(body)
+    os.utime(path, (used_at, used_at))
+    return pin
+
+
+def _lock_naming(pins: list[packages.Pin]) -> str:
+    return 'lock-version = "1.0"\n' + "".join(
+        f'\n[[packages]]\nname = "{p.name}"\nversion = "{p.version}"\n\n[[packages.wheels]]\n'
+        f'url = "https://f.example/{p.filename}"\nhashes = {{ sha256 = "{p.sha256}" }}\n'
+        for p in pins)
+
+
+def test_prune_bounds_the_package_cache_but_keeps_what_a_kept_revision_is_locked_to(ctx):
+    serving, old = "a" * 40, "b" * 40
+    add_space(ctx, "owner/locked", 17001, revision=serving)
+    kept = [_cached_file(ctx, "kept", 4096, 1000.0)]  # the oldest, but the serving lock's
+    gone = [_cached_file(ctx, f"old{i}", 4096, 2000.0 + i) for i in range(3)]
+    fresh = _cached_file(ctx, "fresh", 4096, 9000.0)
+    for revision, pins in ((serving, kept), (old, gone)):
+        ctx.store.save_lock({"space_id": "owner/locked", "revision": revision,
+                             "resolution": "dated", "as_of": None, "python": "3.11",
+                             "platform": "x86_64-manylinux_2_36", "text": _lock_naming(pins),
+                             "sdk_packages": "[]"})
+    limit_gb = 2.5 * 4096 / GiB  # room for two files and a half
+    report = housekeeping.prune_once(with_settings(ctx, package_cache_gb=limit_gb))
+    left = {p.parent.name for p in packages.wheelhouse(ctx.config.package_cache_path)
+            .glob("*/*/*")}
+    assert left == {kept[0].sha256, fresh.sha256}
+    assert report.removed_package_files == 3 and report.freed_package_bytes >= 3 * 4096
+    assert report.changed
+    # Under the bound, nothing more goes.
+    again = housekeeping.prune_once(with_settings(ctx, package_cache_gb=limit_gb))
+    assert again.removed_package_files == 0
 
 
 def test_prune_reports_a_checkout_it_cannot_remove_and_removes_the_others(ctx, monkeypatch):

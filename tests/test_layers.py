@@ -63,6 +63,7 @@ LAYERS = {
     "core.bundles": "service",
     "core.manifest": "adapter",
     "core.sources": "adapter",
+    "core.packages": "adapter",
     # Copied into static Spaces' containers and run there: the standard library only.
     "core.static_server": "standalone",
     "adapters.__init__": "adapter",

@@ -144,6 +144,19 @@ def _m008_space_overrides(db: sqlite_utils.Database) -> None:
     db["spaces"].add_column("build_retried", int, not_null_default=0)
 
 
+def _m009_locks(db: sqlite_utils.Database) -> None:
+    # The exact Python packages each built revision installed (the pylock.toml uv wrote), so
+    # a rebuild of that revision installs the same files; and a Space's own choice of how its
+    # packages are resolved ("dated" or "latest"; NULL: the box's build_resolution).
+    db["locks"].create(
+        {"space_id": str, "revision": str, "resolution": str, "as_of": str, "python": str,
+         "platform": str, "text": str, "sdk_packages": str, "created_at": str},
+        pk=("space_id", "revision"), foreign_keys=[("space_id", "spaces", "id")],
+        not_null={"resolution", "python", "text"},
+    )
+    db["spaces"].add_column("resolution", str)
+
+
 # Named migrations, applied in order and recorded in the migrations table. Never edit one
 # that has shipped; append a new one.
 MIGRATIONS: tuple[tuple[str, Callable[[sqlite_utils.Database], None]], ...] = (
@@ -155,6 +168,7 @@ MIGRATIONS: tuple[tuple[str, Callable[[sqlite_utils.Database], None]], ...] = (
     ("006_gpu_samples", _m006_gpu_samples),
     ("007_portal", _m007_portal),
     ("008_space_overrides", _m008_space_overrides),
+    ("009_locks", _m009_locks),
 )
 
 
@@ -373,7 +387,7 @@ class Store:
 
     def delete_space_rows(self, space_id: str, actor: str) -> None:
         with self.transaction():
-            for table in ("secrets", "variables", "builds", "allocations"):
+            for table in ("secrets", "variables", "builds", "allocations", "locks"):
                 self.db.execute(f"delete from {table} where space_id = ?", [space_id])
             self.db.execute("delete from spaces where id = ?", [space_id])
             self.add_event(space_id, "deleted", actor, {})
@@ -408,6 +422,34 @@ class Store:
         rows = list(self.db.query(
             "select * from builds where space_id = ? order by id desc limit 1", [space_id]))
         return rows[0] if rows else None
+
+    # -- package locks -------------------------------------------------------------------
+
+    def save_lock(self, lock: dict[str, Any]) -> None:
+        """Record the packages a revision's build installed (once: a rebuild reuses them)."""
+        fields = ("space_id", "revision", "resolution", "as_of", "python", "platform", "text",
+                  "sdk_packages")
+        with self.transaction():
+            self.db["locks"].insert({**{k: lock[k] for k in fields}, "created_at": now()},
+                                    pk=("space_id", "revision"), replace=True)
+
+    def get_lock(self, space_id: str, revision: str) -> dict[str, Any] | None:
+        rows = list(self.db.query(
+            "select * from locks where space_id = ? and revision = ?", [space_id, revision]))
+        return rows[0] if rows else None
+
+    def locks(self, space_id: str | None = None) -> list[dict[str, Any]]:
+        """Every recorded lock (of one Space when given), oldest first."""
+        where, params = ("where space_id = ?", [space_id]) if space_id else ("", [])
+        return list(self.db.query(f"select * from locks {where} order by created_at", params))
+
+    def forget_locks(self, space_id: str, actor: str) -> int:
+        """Drop a Space's locks, so its next build resolves its packages again."""
+        self.get_space(space_id)
+        with self.transaction():
+            count = self.db.execute("delete from locks where space_id = ?", [space_id]).rowcount
+            self.add_event(space_id, "locks-forgotten", actor, {"locks": count})
+        return count
 
     # -- secrets, variables ----------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -9,18 +10,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import BuildFailed, InvalidInput
+from . import packages
 from .manifest import Manifest
+from .packages import Pin
 
 BASE_REPOSITORY = "localhost/appliance-python"
 STATIC_SERVER = Path(__file__).with_name("static_server.py")
 STREAMLIT_PORT = 8501
 SPACE_PORT = 7860
 
+# As on Spaces: user 1000 owns its home, and every folder a volume is mounted under exists
+# first and belongs to it (a mount point Podman creates is root's: ~/.cache was, so
+# matplotlib could not write its cache). PYTHONPATH lets `python app/main.py` import packages
+# from the repository's root, as Spaces sets it.
 _USER_SETUP = """\
 RUN (id -u user >/dev/null 2>&1 || useradd -m -u 1000 user) \\
- && install -d -o 1000 -g 1000 /home/user/app /data /home/user/.cache/huggingface
+ && install -d -o 1000 -g 1000 /home/user /home/user/app /data /home/user/.cache \\
+    /home/user/.cache/huggingface /home/user/.config /home/user/.local /home/user/.appliance
 ENV HOME=/home/user \\
     PATH=/home/user/.venv/bin:/home/user/.local/bin:/usr/local/bin:/usr/bin:/bin \\
+    PYTHONPATH=/home/user/app \\
     PYTHONUNBUFFERED=1 \\
     PIP_DISABLE_PIP_VERSION_CHECK=1 \\
     HF_HOME=/home/user/.cache/huggingface \\
@@ -30,11 +39,6 @@ ENV HOME=/home/user \\
     GRADIO_SERVER_PORT=7860 \\
     SYSTEM=spaces
 """
-
-
-# Proxy variables are predefined build args; these are not, so they are declared for pip to
-# see them. ARG values reach RUN steps only, never the image's environment.
-_BUILD_ARGS = "ARG PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_TRUSTED_HOST"
 
 
 @dataclass
@@ -91,37 +95,80 @@ def _ca_mount(config) -> tuple[str, str]:
             "PIP_CERT=/run/secrets/cacert SSL_CERT_FILE=/run/secrets/cacert ")
 
 
-def sdk_image_plan(manifest: Manifest, python_tag: str, base_image: str, config) -> BuildPlan:
-    """Plan the shared SDK layer for (python, sdk, sdk_version): reused by every such Space."""
+# The locked files come in through a bind mount of the context, so they never land in a layer;
+# uv installs exactly them (hash-checked, no resolver, no index) into the Space's venv.
+_WHEELS = ".appliance-wheels"
+_UV_ENV = "UV_LINK_MODE=copy UV_NO_CACHE=1 UV_PYTHON_DOWNLOADS=never "
+_UV_INSTALL = ("uv pip install --python /home/user/.venv/bin/python --no-deps --require-hashes "
+               "--find-links /tmp/wheels")
+# uv reads its own variables; the index settings builds honour reach it through these.
+_UV_ARGS = "ARG UV_DEFAULT_INDEX UV_INDEX UV_INSECURE_HOST"
+
+
+def _install_step(config, requirements: str, pins: list[Pin]) -> str:
+    """One RUN installing a requirements file of locked pins from the mounted package files;
+    offline unless a pin is an sdist (its build backend comes from the index)."""
     mount, env = _ca_mount(config)
+    offline = not any(pin.filename and not pin.filename.endswith(".whl") for pin in pins)
+    return (f"RUN --mount=type=bind,source={_WHEELS},target=/tmp/wheels {mount}{env}{_UV_ENV}"
+            f"{_UV_INSTALL}{' --offline --no-index' if offline else ''} -r {requirements}")
+
+
+def _wheel_context(pins: list[Pin], files: dict[str, Path]) -> dict[str, bytes | Path]:
+    return {f"{_WHEELS}/{pin.filename}": files[pin.filename] for pin in pins if not pin.direct}
+
+
+def sdk_image_plan(manifest: Manifest, python_tag: str, base_image: str, config,
+                   pins: list[Pin] | None = None, files: dict[str, Path] | None = None
+                   ) -> BuildPlan:
+    """Plan the shared SDK layer: the base, user 1000, and the locked closure of the SDK.
+
+    Its tag names what it holds (the recipe and the exact files), so every Space whose lock
+    agrees on the SDK's closure shares it, and a different closure never reuses it.
+    """
     sdk, version = manifest.sdk, manifest.sdk_version
-    if sdk == "gradio":
-        packages = f'"gradio[oauth]{"==" + version if version else ""}" spaces'
-    elif sdk == "streamlit":
-        packages = f'"streamlit{"==" + version if version else ""}"'
-    else:  # static: only the appliance's own file server, no packages
-        packages = ""
-    lines = [f"FROM {base_image}", _USER_SETUP, "USER user",
-             "WORKDIR /home/user/app", "RUN python3 -m venv /home/user/.venv"]
-    if packages:
-        lines += [_BUILD_ARGS, f"RUN {mount}{env}pip install --no-cache-dir {packages}"]
-    if sdk == "static":
-        lines.append("COPY static_server.py /home/user/.static_server.py")
+    pins = pins or []
+    lines = [f"FROM {base_image}", _USER_SETUP]
     context: dict[str, bytes | Path] = {}
-    if sdk == "static":
+    if sdk == "static":  # only the appliance's own file server, no packages
+        lines += ["USER user", "WORKDIR /home/user/app", "RUN python3 -m venv /home/user/.venv",
+                  "COPY static_server.py /home/user/.static_server.py"]
         context["static_server.py"] = STATIC_SERVER.read_bytes()
+    else:
+        requirements = packages.requirements_text(pins)
+        lines += ["COPY .appliance-uv /usr/local/bin/uv", "USER user",
+                  "WORKDIR /home/user/app", "RUN python3 -m venv /home/user/.venv"]
+        context[".appliance-uv"] = packages.uv_binary()
+        if requirements:
+            lines += [_UV_ARGS, "COPY --chown=1000:1000 .appliance-sdk.txt "
+                      "/home/user/.appliance/sdk-requirements.txt",
+                      _install_step(config, "/home/user/.appliance/sdk-requirements.txt", pins)]
+            context[".appliance-sdk.txt"] = requirements.encode()
+            context.update(_wheel_context(pins, files or {}))
     lines.append(_label_line({"appliance.role": "sdk"}))
-    context[".appliance.Containerfile"] = ("\n".join(lines) + "\n").encode()
-    # The tag names what the layer holds, so a changed recipe (a new appliance release, a
-    # CA bundle switched on) builds a new layer instead of reusing a stale one.
-    recipe = hashlib.sha256(b"".join(context[k] for k in sorted(context))).hexdigest()[:8]
+    containerfile = ("\n".join(lines) + "\n").encode()
+    context[".appliance.Containerfile"] = containerfile
+    # The tag names the recipe and what it installs (not the file contents: they are named
+    # by their sha256 in the requirements), so a changed recipe builds a new layer.
+    recipe = hashlib.sha256(containerfile + context.get(".appliance-sdk.txt", b"")
+                            + _uv_identity(sdk) + (STATIC_SERVER.read_bytes()
+                                                   if sdk == "static" else b"")).hexdigest()[:8]
     # Tags allow [\w.-]: a local version label such as 5.9.1+cpu must not reach one as is.
     shown = re.sub(r"[^\w.-]", "_", version or "latest")
     tag = f"localhost/appliance-sdk:{sdk}-{shown}-py{python_tag}-{recipe}"
     return BuildPlan(
         containerfile=".appliance.Containerfile", tag=tag, context=context,
-        buildargs=build_env(config), secrets=_ca_secret(config),
+        buildargs={**build_env(config), **uv_build_env(config)}, secrets=_ca_secret(config),
     )
+
+
+@functools.cache
+def _uv_digest(path: str) -> bytes:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest().encode()
+
+
+def _uv_identity(sdk: str) -> bytes:
+    return b"" if sdk == "static" else _uv_digest(str(packages.uv_binary()))
 
 
 def _ca_secret(config) -> dict[str, bytes]:
@@ -152,6 +199,23 @@ def build_env(config) -> dict[str, str]:
     return args
 
 
+def uv_build_env(config) -> dict[str, str]:
+    """The index settings as uv's variables, for the install steps that reach the index."""
+    env = packages.uv_environment(config, Path("/nonexistent"))
+    return {name: env[name] for name in ("UV_DEFAULT_INDEX", "UV_INDEX", "UV_INSECURE_HOST")
+            if name in env}
+
+
+@dataclass
+class Locked:
+    """A revision's packages as the build installs them: the lock, and how it splits."""
+
+    text: str  # the pylock.toml, recorded for the revision and reused byte-for-byte
+    sdk_pins: list[Pin]  # the SDK's closure: the shared layer
+    space_pins: list[Pin]  # the rest: the Space's own layer
+    files: dict[str, Path]  # file name -> its path in the package cache
+
+
 def space_image_plan(
     space_id: str,
     revision: str,
@@ -161,8 +225,13 @@ def space_image_plan(
     variables: dict[str, str],
     secrets: dict[str, str],
     config,
+    locked: Locked | None = None,
 ) -> BuildPlan:
-    """Plan a Space's own image on top of its SDK layer (or its Dockerfile for sdk: docker)."""
+    """Plan a Space's own image on top of its SDK layer (or its Dockerfile for sdk: docker).
+
+    The repository is the context's app/ folder; the appliance's own inputs sit beside it,
+    so the final COPY takes the repository and nothing else.
+    """
     labels = {"appliance.space": space_id, "appliance.revision": revision,
               "appliance.role": "space", "appliance.instance": config.instance_id}
     tag = f"{image_repository(space_id)}:{revision[:12]}"
@@ -180,54 +249,68 @@ def space_image_plan(
             buildargs={**variables, **build_env(config)},
             secrets={k: v.encode() for k, v in secrets.items()}, labels=labels,
         )
-    mount, env = _ca_mount(config)
+    context: dict[str, bytes | Path] = {"app": checkout}
     lines = [f"FROM {sdk_image}"]
     # Each input file is copied alone right before the step that uses it, so a code-only
     # change reuses every layer up to the final COPY.
     if (checkout / "packages.txt").is_file() and manifest.sdk != "static":
         lines += [
             "USER root",
-            "COPY packages.txt /tmp/packages.txt",
+            "COPY app/packages.txt /tmp/packages.txt",
             "RUN apt-get update && sed -e 's/#.*//' /tmp/packages.txt | xargs -r "
             "env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "
             "&& rm -rf /var/lib/apt/lists/*",
             "USER user",
         ]
-    pip_inputs = [name for name in ("pre-requirements.txt", "requirements.txt")
-                  if (checkout / name).is_file() and manifest.sdk != "static"]
-    if pip_inputs:
-        lines.append(_BUILD_ARGS)
-    for name in pip_inputs:
-        lines += [f"COPY --chown=1000:1000 {name} /tmp/{name}",
-                  f"RUN {mount}{env}pip install --no-cache-dir -r /tmp/{name}"]
-    if "requirements.txt" in pip_inputs and manifest.sdk in ("gradio", "streamlit"):
-        # The front matter decides the SDK version, as on Spaces, whatever requirements said.
-        pin = f"=={manifest.sdk_version}" if manifest.sdk_version else ""
-        extra = "[oauth]" if manifest.sdk == "gradio" else ""
-        lines.append(
-            f'RUN {mount}{env}pip install --no-cache-dir "{manifest.sdk}{extra}{pin}"')
-    lines.append("COPY --chown=1000:1000 . /home/user/app")
-    if manifest.sdk == "gradio":
-        lines.append(f'CMD ["python", "{manifest.app_file}"]')
-    elif manifest.sdk == "streamlit":
-        lines.append(
-            f'CMD ["streamlit", "run", "{manifest.app_file}", "--server.port={STREAMLIT_PORT}", '
-            '"--server.address=0.0.0.0", "--server.headless=true", '
-            '"--server.enableXsrfProtection=false", "--server.enableCORS=false", '
-            '"--browser.gatherUsageStats=false"]'
-        )
-    else:
-        lines.append(
-            'CMD ["python3", "/home/user/.static_server.py", "--root", "/home/user/app", '
-            f'"--index", "{manifest.app_file}", "--port", "{SPACE_PORT}"]'
-        )
+    if locked is not None:
+        requirements = packages.requirements_text(locked.space_pins)
+        direct = [pin.direct for pin in locked.space_pins if pin.direct]
+        if requirements or direct:
+            lines.append(_UV_ARGS)
+        if requirements:
+            context[".appliance-space.txt"] = requirements.encode()
+            context.update(_wheel_context(locked.space_pins, locked.files))
+            lines += ["COPY --chown=1000:1000 .appliance-space.txt "
+                      "/home/user/.appliance/space-requirements.txt",
+                      _install_step(config, "/home/user/.appliance/space-requirements.txt",
+                                    locked.space_pins)]
+        if direct:
+            # Packages from git or an archive URL: no index file to lock, so they are
+            # fetched by the build itself (at the commit the lock names).
+            mount, env = _ca_mount(config)
+            context[".appliance-direct.txt"] = "".join(f"{d}\n" for d in direct).encode()
+            lines += ["COPY --chown=1000:1000 .appliance-direct.txt "
+                      "/home/user/.appliance/direct-requirements.txt",
+                      f"RUN {mount}{env}{_UV_ENV}uv pip install --python "
+                      "/home/user/.venv/bin/python --no-deps "
+                      "-r /home/user/.appliance/direct-requirements.txt"]
+        context[".appliance-lock.toml"] = locked.text.encode()
+        lines.append("COPY --chown=1000:1000 .appliance-lock.toml "
+                     "/home/user/.appliance/pylock.toml")
+    lines.append("COPY --chown=1000:1000 app/ /home/user/app/")
+    lines.append(_command(manifest))
     # One LABEL line: labels passed to the build API become one committed step each.
     lines.append(_label_line(labels))
+    context[".appliance.Containerfile"] = ("\n".join(lines) + "\n").encode()
     return BuildPlan(
-        containerfile=".appliance.Containerfile", tag=tag,
-        context={".": checkout, ".appliance.Containerfile": ("\n".join(lines) + "\n").encode()},
-        buildargs=build_env(config), secrets=_ca_secret(config),
+        containerfile=".appliance.Containerfile", tag=tag, context=context,
+        buildargs={**build_env(config), **uv_build_env(config)}, secrets=_ca_secret(config),
     )
+
+
+def _command(manifest: Manifest) -> str:
+    """The image's CMD, serialised as JSON (never formatted into a string by hand)."""
+    if manifest.sdk == "gradio":
+        argv = ["python", manifest.app_file]
+    elif manifest.sdk == "streamlit":
+        argv = ["streamlit", "run", manifest.app_file, f"--server.port={STREAMLIT_PORT}",
+                "--server.address=0.0.0.0", "--server.headless=true",
+                "--server.enableXsrfProtection=false", "--server.enableCORS=false",
+                "--browser.gatherUsageStats=false"]
+    else:
+        argv = ["python3", "/home/user/.static_server.py", "--root", "/home/user/app",
+                "--index", manifest.app_file, "--port", str(SPACE_PORT)]
+    return "CMD " + json.dumps(argv)
 
 
 def _label_line(labels: dict[str, str]) -> str:
@@ -302,6 +385,18 @@ _PULL_FAILURE = re.compile(
     re.IGNORECASE)
 
 
+# What pip, apt, uv, curl and git print when a build step cannot reach a host.
+_NETWORK_FAILURE = re.compile(
+    r"Temporary failure (in name resolution|resolving)|Could not resolve( host)?"
+    r"|Name or service not known"
+    r"|Failed to establish a new connection|Connection refused|Network is unreachable"
+    r"|No route to host|Connection timed out|timed out|Could not fetch URL|Failed to fetch"
+    r"|error sending request|Could not connect|unable to access|SSL: CERTIFICATE_VERIFY_FAILED",
+    re.IGNORECASE)
+_HOST_IN_LINE = re.compile(r"(?:https?|git)://([\w.-]+(?::\d+)?)|host='([\w.-]+)'"
+                           r"|resolve (?:host:? )?'?([\w.-]+\.[a-z]{2,})'?", re.IGNORECASE)
+
+
 def explain_failure(message: str, log_tail: list[str], bases: list[str]) -> str:
     """Turn a raw build failure into the user-facing error (with the log tail)."""
     text = "\n".join(log_tail[-25:])
@@ -317,6 +412,17 @@ def explain_failure(message: str, log_tail: list[str], bases: list[str]) -> str:
                     f"or configure a registry mirror in the service account's "
                     f"~/.config/containers/registries.conf."
                 )
+    failing = [line for line in log_tail[-40:] if _NETWORK_FAILURE.search(line)]
+    if failing:
+        hosts = [(line, next((g for g in m.groups() if g), None))
+                 for line in failing if (m := _HOST_IN_LINE.search(line))]
+        network, host = hosts[-1] if hosts else (failing[-1], None)
+        return (
+            f"The build could not reach {host or 'the network'}: {network.strip()[:300]}\n"
+            "A step of the build downloads from the network and this box cannot reach it. "
+            "Set APPLIANCE_BUILD_HTTPS_PROXY (and APPLIANCE_BUILD_CA_BUNDLE for an "
+            "intercepting proxy), point APPLIANCE_PIP_INDEX_URL at a mirror, or build the "
+            "image where the network is and bring it as a bundle.\n"
+            f"--- last lines of the build log ---\n{text}"
+        )
     return f"Build failed: {message.strip()}\n--- last lines of the build log ---\n{text}"
-
-

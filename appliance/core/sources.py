@@ -11,6 +11,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -511,6 +512,23 @@ def _check_size(root: Path, config, display: str, extra: int = 0) -> None:
             f"Checkout of {display} is {total / 2**20:.1f} MiB, over the {limit} MiB limit",
             hint="raise APPLIANCE_MAX_CHECKOUT_MB or slim the repository",
         )
+
+
+def commit_time(checkout: Path) -> str:
+    """The checked-out commit's committer time in UTC (RFC 3339), which a dated resolution
+    takes as "as of"."""
+    env = {k: v for k, v in os.environ.items() if k not in _REPO_VARS}
+    env["LC_ALL"] = "C"
+    try:
+        out = subprocess.run(
+            [_GIT, "-c", f"safe.directory={checkout}", "-C", str(checkout), "log", "-1",
+             "--format=%ct", "HEAD"], capture_output=True, text=True, env=env, timeout=30,
+            stdin=subprocess.DEVNULL, check=True).stdout.strip()
+        return datetime.fromtimestamp(int(out), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OSError, ValueError, subprocess.SubprocessError):
+        raise SourceError(f"Cannot read the commit time of {checkout.name}",
+                          hint="the checkout has no git history; set the Space's package "
+                          "resolution to latest, or fetch it again") from None
 
 
 def remote_head(source: Source, revision: str | None, config) -> str:

@@ -8,6 +8,7 @@ import re
 import secrets as pysecrets
 import shutil
 import socket
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from ..errors import (
 )
 from ..gpu import claims
 from ..upkeep import housekeeping
-from . import builds, sources
+from . import builds, packages, sources
 from .context import Context, kept_images, space_paths
 from .context import open_context as open_context  # the service's entry point, re-exported
 from .manifest import Manifest, load_manifest, parse_manifest
@@ -50,8 +51,19 @@ SERVING = {stages.RUNNING, stages.RUNNING_BUILDING, stages.RUNNING_APP_STARTING}
 
 
 def describe(ctx: Context, space_id: str) -> dict[str, Any]:
-    """Return the public view of a Space (the `show --json` contract)."""
-    return _public(ctx.config, ctx.store.get_space(space_id))
+    """Return the public view of a Space (the `show --json` contract), with the packages
+    locked for the revision it serves."""
+    row = ctx.store.get_space(space_id)
+    view = _public(ctx.config, row)
+    lock = ctx.store.get_lock(space_id, row["revision"]) if row["revision"] else None
+    view["resolution"] = row.get("resolution") or None
+    view["resolution_effective"] = row.get("resolution") or ctx.config.build_resolution
+    view["lock"] = None if lock is None else {
+        "revision": lock["revision"], "resolution": lock["resolution"],
+        "as_of": lock["as_of"], "python": lock["python"], "platform": lock["platform"],
+        "created_at": lock["created_at"], "packages": packages.lock_summary(lock["text"]),
+    }
+    return view
 
 
 def list_spaces(ctx: Context) -> list[dict[str, Any]]:
@@ -176,7 +188,10 @@ def deploy(ctx: Context, space_id: str, factory: bool = False) -> dict[str, Any]
             os.replace(staging, checkout)
         log(f"==> Revision {sha}")
         manifest = load_manifest(checkout)
-        image, warnings = _build_images(ctx, space_id, sha, checkout, manifest, factory, log)
+        image, warnings, lock = _build_images(ctx, space_id, sha, checkout, manifest, factory,
+                                              log)
+        if lock is not None and lock["created_at"] is None:
+            ctx.store.save_lock(lock)
         ctx.store.finish_build(build_id, "succeeded", revision=sha, image=image)
     except ManifestError as exc:
         log(f"==> {exc}")
@@ -208,10 +223,13 @@ def _fail(ctx: Context, space_id: str, stage: str, message: str, serving: bool
 
 
 def _build_images(ctx: Context, space_id: str, sha: str, checkout: Path, manifest: Manifest,
-                  factory: bool, log) -> tuple[str, list[str]]:
+                  factory: bool, log) -> tuple[str, list[str], dict[str, Any] | None]:
+    """Build the shared SDK layer (when missing) and the Space's image; return the image, the
+    warnings and the lock the build installed (None for docker and static Spaces)."""
     config, runtime = ctx.config, ctx.runtime
     warnings: list[str] = []
     sdk_image = None
+    locked = lock = None
     if manifest.sdk != "docker":
         base_image = config.base_image
         python = manifest.python_version
@@ -220,10 +238,15 @@ def _build_images(ctx: Context, space_id: str, sha: str, checkout: Path, manifes
                          for t in runtime.list_images(builds.BASE_REPOSITORY)]
             python, warning = builds.choose_python(manifest.python_version, available)
             base_image = f"{builds.BASE_REPOSITORY}:{python}"
-            if warning:
+            if warning and manifest.sdk != "static":  # static Spaces run no Python of theirs
                 warnings.append(warning)
                 log(f"==> Warning: {warning}")
-        plan = builds.sdk_image_plan(manifest, python, base_image, config)
+        if manifest.sdk in ("gradio", "streamlit"):
+            lock = _lock_for(ctx, space_id, sha, checkout, manifest, python, log)
+            locked = _locked_files(ctx, lock, log)
+        plan = builds.sdk_image_plan(manifest, python, base_image, config,
+                                     locked.sdk_pins if locked else None,
+                                     locked.files if locked else None)
         if factory or not runtime.image_exists(plan.tag):
             log(f"==> Building the shared SDK layer {plan.tag}")
             runtime.build(plan.context, plan.containerfile, plan.tag, plan.labels,
@@ -233,11 +256,66 @@ def _build_images(ctx: Context, space_id: str, sha: str, checkout: Path, manifes
         sdk_image = plan.tag
     plan = builds.space_image_plan(
         space_id, sha, checkout, manifest, sdk_image, ctx.store.kv("variables", space_id),
-        ctx.store.kv("secrets", space_id), config)
+        ctx.store.kv("secrets", space_id), config, locked)
     log(f"==> Building {plan.tag}")
     runtime.build(plan.context, plan.containerfile, plan.tag, plan.labels, plan.buildargs,
                   plan.secrets, factory, log, config.build_timeout)
-    return plan.tag, warnings
+    return plan.tag, warnings, lock
+
+
+def resolution_of(ctx: Context, row: dict[str, Any]) -> str:
+    """How the Space's next unlocked revision is resolved: its own choice, else the box's."""
+    mode = row.get("resolution") or ctx.config.build_resolution
+    if mode not in packages.RESOLUTIONS:
+        raise InvalidInput(f"Unknown package resolution {mode!r}",
+                           hint=f"use one of {', '.join(packages.RESOLUTIONS)} "
+                           "(APPLIANCE_BUILD_RESOLUTION)")
+    return mode
+
+
+def _lock_for(ctx: Context, space_id: str, sha: str, checkout: Path, manifest: Manifest,
+              python: str, log) -> dict[str, Any]:
+    """The revision's recorded lock; or a new resolution (recorded once the build succeeds)."""
+    found = ctx.store.get_lock(space_id, sha)
+    if found and found["python"] == python:
+        when = f"as of {found['as_of']}" if found["as_of"] else "newest versions"
+        log(f"==> Installing the packages locked for revision {sha[:12]} "
+            f"({found['resolution']}, {when}; {found['created_at'][:19]})")
+        return found
+    row = ctx.store.get_space(space_id)
+    mode = resolution_of(ctx, row)
+    as_of = sources.commit_time(checkout) if mode == "dated" else None
+    cache = ctx.config.package_cache_path
+    roots, overrides = packages.sdk_roots(manifest.sdk, manifest.sdk_version)
+    with tempfile.TemporaryDirectory(prefix="appliance-requirements-") as tmp:
+        files = tuple(packages.sanitise_requirements(checkout / name, checkout, Path(tmp))
+                      for name in ("pre-requirements.txt", "requirements.txt")
+                      if (checkout / name).is_file())
+        text = packages.resolve(packages.Inputs(roots, files, overrides), python, as_of,
+                                ctx.config, cache, log)
+    pins = packages.parse_lock(text)
+    if files:
+        # The SDK's closure within this lock: what the shared layer holds.
+        pinned = "".join(f"{p.name}=={p.version}\n" for p in pins if not p.direct)
+        closure = packages.resolve(packages.Inputs(roots, (), overrides), python, as_of,
+                                   ctx.config, cache, lambda _line: None, constraints=pinned)
+        sdk_names = sorted({packages.canonical(p.name) for p in packages.parse_lock(closure)})
+    else:
+        sdk_names = sorted({packages.canonical(p.name) for p in pins})
+    return {"space_id": space_id, "revision": sha, "resolution": mode, "as_of": as_of,
+            "python": python, "platform": packages.target_platform(), "text": text,
+            "sdk_packages": json.dumps(sdk_names), "created_at": None}
+
+
+def _locked_files(ctx: Context, lock: dict[str, Any], log) -> builds.Locked:
+    pins = packages.parse_lock(lock["text"])
+    sdk_names = set(json.loads(lock["sdk_packages"] or "[]"))
+    files = packages.fetch(pins, ctx.config.package_cache_path, ctx.config, log)
+    return builds.Locked(
+        text=lock["text"], files=files,
+        sdk_pins=[p for p in pins if packages.canonical(p.name) in sdk_names and not p.direct],
+        space_pins=[p for p in pins if packages.canonical(p.name) not in sdk_names
+                    or p.direct])
 
 
 # Every Space runs on a LAN that may have no internet: the SDKs' phone-home at startup
@@ -624,6 +702,27 @@ def set_hardware(ctx: Context, space_id: str, hardware: str) -> dict[str, Any]:
     ctx.store.update_space(space_id, actor=ctx.actor, event="hardware",
                            detail={"hardware": hardware}, hardware=hardware)
     return describe(ctx, space_id)
+
+
+def set_resolution(ctx: Context, space_id: str, resolution: str | None) -> dict[str, Any]:
+    """Choose how the Space's packages are resolved when a revision is first built: "dated",
+    "latest", or None (the box's build_resolution). Locked revisions keep their lock."""
+    ctx.store.get_space(space_id)
+    if resolution is not None and (not isinstance(resolution, str)
+                                   or resolution not in packages.RESOLUTIONS):
+        shown = repr(resolution)[:40]
+        raise InvalidInput(f"Unknown package resolution {shown}",
+                           hint=f"use {', '.join(packages.RESOLUTIONS)} or default (the box's "
+                           f"choice, now {ctx.config.build_resolution})")
+    ctx.store.update_space(space_id, actor=ctx.actor, event="resolution",
+                           detail={"resolution": resolution}, resolution=resolution)
+    return describe(ctx, space_id)
+
+
+def forget_locks(ctx: Context, space_id: str) -> int:
+    """Drop the Space's package locks: its next build resolves again (a factory rebuild or an
+    update); what runs now is untouched. Return how many locks were dropped."""
+    return ctx.store.forget_locks(space_id, ctx.actor)
 
 
 def redactor(ctx: Context, space_id: str) -> builds.Redactor:

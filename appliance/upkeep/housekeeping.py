@@ -23,6 +23,7 @@ from ..adapters import host
 from ..adapters.runtime import ROLE_OFFLINE_NETWORK
 from ..adapters.store import MIGRATIONS, Store, open_store
 from ..config import Config
+from ..core import packages
 from ..core.context import Context, kept_images, space_paths
 from ..errors import ApplianceError
 
@@ -237,16 +238,20 @@ class PruneReport:
     removed_checkouts: list[str] = field(default_factory=list)
     removed_images: list[str] = field(default_factory=list)
     removed_networks: list[str] = field(default_factory=list)
+    removed_package_files: int = 0
+    freed_package_bytes: int = 0
     errors: list[str] = field(default_factory=list)
 
     @property
     def changed(self) -> bool:
-        return bool(self.removed_checkouts or self.removed_images or self.removed_networks)
+        return bool(self.removed_checkouts or self.removed_images or self.removed_networks
+                    or self.freed_package_bytes)
 
 
 def prune_once(ctx: Context) -> PruneReport:
     """Remove checkouts and untagged images no Space can use (rollback's revision is kept),
-    and the offline networks of Spaces that are gone.
+    the offline networks of Spaces that are gone, and package files past the cache's bound
+    (least recently used first; never one a kept revision's lock names).
 
     A Space with work under way (a build, a start) keeps its checkouts and images: the
     revision it is fetching or starting is in no row yet.
@@ -265,6 +270,7 @@ def prune_once(ctx: Context) -> PruneReport:
                 report.removed_checkouts.append(str(folder))
         else:
             _prune_checkouts(ctx, space_id, folder, report)
+    _prune_packages(ctx, rows, report)  # the package cache needs no Podman
     try:
         images = ctx.runtime.labelled_images()  # one listing for every Space: it is costly
     except ApplianceError as exc:
@@ -279,6 +285,26 @@ def prune_once(ctx: Context) -> PruneReport:
         if row and row["stage"] not in stages.BUSY:
             _prune_images(ctx, row, images, report)
     return report
+
+
+def _prune_packages(ctx: Context, rows: dict, report: PruneReport) -> None:
+    keep: set[str] = set()
+    for space_id, row in rows.items():
+        revisions = {row["revision"], row["previous_revision"], *kept_images(ctx, row).values()}
+        for lock in ctx.store.locks(space_id):
+            if lock["revision"] in revisions:
+                try:
+                    keep.update(p.sha256 for p in packages.parse_lock(lock["text"]) if p.sha256)
+                except ApplianceError as exc:
+                    report.errors.append(f"{space_id}: {exc.message}")
+    try:
+        removed, freed = packages.prune_cache(
+            ctx.config.package_cache_path, int(ctx.config.package_cache_gb * GiB), keep)
+    except OSError as exc:
+        report.errors.append(f"cannot prune the package cache: {exc}")
+        return
+    report.removed_package_files += removed
+    report.freed_package_bytes += freed
 
 
 def _prune_networks(ctx: Context, rows: dict, report: PruneReport) -> None:
