@@ -181,8 +181,19 @@ install_venv() {
 }
 
 build_base_image() {
-  if as_service podman image exists "$BASE_IMAGE" 2>/dev/null; then
+  # The image carries the digest of the recipe it was built from: a changed package list or
+  # build script rebuilds it, not only a missing image.
+  local want have
+  want="$(bash "$REPO/images/python/build.sh" --print-recipe)"
+  have="$(as_service podman image inspect --format '{{ index .Labels "appliance.base-recipe" }}' \
+    "$BASE_IMAGE" 2>/dev/null || true)"
+  if [ "$have" = "$want" ]; then
     return
+  fi
+  if [ -n "$have" ] || as_service podman image exists "$BASE_IMAGE" 2>/dev/null; then
+    say "Rebuilding $BASE_IMAGE: its recipe changed (${have:-none} -> $want)"
+  else
+    say "Building $BASE_IMAGE (recipe $want)"
   fi
   bash "$REPO/images/python/build.sh" "$CACHE_DIR" "$SERVICE_USER" "$BASE_IMAGE"
 }

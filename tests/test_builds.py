@@ -330,6 +330,15 @@ def test_sdk_layer_tag_is_stable_for_identical_inputs(tmp_path):
     assert first.tag == again.tag
 
 
+def test_a_rebuilt_base_image_gets_new_sdk_layers():
+    files = {p.filename: Path("/nonexistent") / p.filename for p in SDK_PINS}
+    old = sdk_image_plan(manifest("sdk: gradio"), "3.11", BASE_IMAGE, config(), SDK_PINS,
+                         files, base_id="1" * 64)
+    new = sdk_image_plan(manifest("sdk: gradio"), "3.11", BASE_IMAGE, config(), SDK_PINS,
+                         files, base_id="2" * 64)
+    assert old.tag != new.tag
+
+
 def test_sdk_layer_tag_changes_with_python_version():
     older = sdk_plan("sdk: gradio\nsdk_version: 5.9.1", python="3.10",
                      base="localhost/appliance-python:3.10")

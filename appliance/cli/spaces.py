@@ -9,7 +9,7 @@ import time
 import click
 
 from .. import stages
-from ..core import jobs, spaces
+from ..core import actions, jobs, spaces
 from ..errors import ApplianceError, InvalidInput
 from .common import (
     ApplianceClickError,
@@ -327,6 +327,94 @@ def spaces_sleep_time(obj, space_id, seconds, as_json):
     else:
         raise InvalidInput(f"Sleep time must be a number of seconds or 'never', got {seconds!r}")
     emit(sleep.set_sleep_time(context_of(obj), space_id, value), as_json, space_text)
+
+
+def _resolution_text(mode: str) -> str:
+    return ("dated, as of each revision's commit time" if mode == "dated"
+            else "latest, with the newest versions at build time")
+
+
+def _lock_text(space: dict) -> str:
+    lock = space["lock"]
+    if lock is None:
+        if space["sdk"] in ("docker", "static"):
+            why = ("its Dockerfile installs its own" if space["sdk"] == "docker"
+                   else "it runs no Python of its own")
+            return (f"{space['id']} is a {space['sdk']} Space: the appliance locks no Python "
+                    f"packages for it ({why}).")
+        if not space["revision"]:
+            return (f"{space['id']} has not been built yet: its packages are locked when a "
+                    "revision is first built.")
+        return (f"No packages are locked for revision {space['revision'][:12]} of "
+                f"{space['id']} (built before locks were kept, or its locks were forgotten); "
+                f"the next build resolves them {_resolution_text(space['resolution_effective'])}.")
+    when = f"as of {lock['as_of']}" if lock["as_of"] else "with the newest versions then"
+    lines = [f"Resolved {lock['resolution']} {when} for Python {lock['python']} "
+             f"({lock['platform'] or 'unknown platform'}), locked {lock['created_at'][:19]}Z"]
+    width = max((len(p["name"]) for p in lock["packages"]), default=0)
+    lines.extend(f"{p['name']:<{width}}  {p['version']}" for p in lock["packages"])
+    return "\n".join(lines)
+
+
+@spaces_group.command("packages")
+@click.argument("space_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the lock as JSON (null: none).")
+@click.pass_obj
+@handles_errors
+def spaces_packages(obj, space_id, as_json):
+    """List the Python packages locked for the revision a Space serves.
+
+    Example: appliance spaces packages owner/name
+    """
+    space = spaces.describe(context_of(obj), space_id)
+    if as_json:
+        emit(space["lock"], True, str)
+    else:
+        click.echo(_lock_text(space))
+
+
+@spaces_group.command("resolution")
+@click.argument("space_id")
+@click.argument("resolution", metavar="dated|latest|default")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+@handles_errors
+def spaces_resolution(obj, space_id, resolution, as_json):
+    """Resolve a Space's packages as of each revision's commit time (dated), with today's
+    versions (latest), or as the box does (default); locked revisions keep their lock.
+
+    Example: appliance spaces resolution owner/name latest
+    """
+    view = actions.set_resolution(context_of(obj), space_id, resolution)
+    if not as_json:
+        source = "its own choice" if view["resolution"] else "the box's default"
+        click.echo(f"{space_id}'s next unlocked build resolves its packages "
+                   f"{_resolution_text(view['resolution_effective'])} ({source}); revisions "
+                   f"already locked keep their lock (to resolve again: appliance spaces relock "
+                   f"{space_id})", err=True)
+    emit(view, as_json, space_text)
+
+
+@spaces_group.command("relock")
+@click.argument("space_id")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+@handles_errors
+def spaces_relock(obj, space_id, as_json):
+    """Forget a Space's package locks, so its next build resolves its packages again (what
+    runs now is untouched).
+
+    Example: appliance spaces relock owner/name
+    """
+    ctx = context_of(obj)
+    count = actions.forget_locks(ctx, space_id)
+    if as_json:
+        emit({"ok": True, "forgotten": count}, True, str)
+        return
+    mode = spaces.describe(ctx, space_id)["resolution_effective"]
+    click.echo(f"Forgot {count} package lock{'' if count == 1 else 's'} of {space_id}; its "
+               f"next build resolves its packages again ({_resolution_text(mode)}). Rebuild "
+               f"now: appliance spaces restart {space_id} --factory")
 
 
 @spaces_group.command("delete")

@@ -8,9 +8,11 @@ from typing import Any
 from .. import stages
 from ..errors import InvalidInput
 from ..upkeep import sleep, updates
-from . import jobs, spaces
+from . import jobs, packages, spaces
 
 ACTIONS = ("start", "stop", "pause", "restart", "factory", "update", "rollback")
+# What a person may choose for a Space's package resolution; "default": the box's setting.
+RESOLUTION_CHOICES = (*packages.RESOLUTIONS, "default")
 
 
 def add(ctx: spaces.Context, source: str, name: str | None = None, revision: str | None = None,
@@ -68,6 +70,25 @@ def set_update_policy(ctx: spaces.Context, space_id: str, policy: str,
                       interval: int | None = None, revision: str | None = None
                       ) -> dict[str, Any]:
     return updates.set_update_policy(ctx, space_id, policy, interval, revision or None)
+
+
+def set_resolution(ctx: spaces.Context, space_id: str, value: object) -> dict[str, Any]:
+    """Choose how the Space's packages are resolved from user input: "dated", "latest", or
+    "default" (the box's build_resolution); any case, surrounding spaces ignored."""
+    choice = value.strip(" ").lower() if isinstance(value, str) else None
+    if choice not in RESOLUTION_CHOICES:
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "…"
+        raise InvalidInput(f"Package resolution must be one of {', '.join(RESOLUTION_CHOICES)}"
+                           f", got {shown}",
+                           hint="dated: as of the revision's commit time; latest: today's "
+                           "packages; default: the box's build_resolution (now "
+                           f"{ctx.config.build_resolution})")
+    return spaces.set_resolution(ctx, space_id, None if choice == "default" else choice)
+
+
+def forget_locks(ctx: spaces.Context, space_id: str) -> int:
+    """Drop the Space's package locks so its next build resolves again; return how many."""
+    return spaces.forget_locks(ctx, space_id)
 
 
 def set_visibility(ctx: spaces.Context, space_id: str, visibility: str) -> dict[str, Any]:

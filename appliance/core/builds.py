@@ -119,12 +119,13 @@ def _wheel_context(pins: list[Pin], files: dict[str, Path]) -> dict[str, bytes |
 
 
 def sdk_image_plan(manifest: Manifest, python_tag: str, base_image: str, config,
-                   pins: list[Pin] | None = None, files: dict[str, Path] | None = None
-                   ) -> BuildPlan:
+                   pins: list[Pin] | None = None, files: dict[str, Path] | None = None,
+                   base_id: str = "") -> BuildPlan:
     """Plan the shared SDK layer: the base, user 1000, and the locked closure of the SDK.
 
-    Its tag names what it holds (the recipe and the exact files), so every Space whose lock
-    agrees on the SDK's closure shares it, and a different closure never reuses it.
+    Its tag names what it holds (the base image's id, the recipe and the exact files), so
+    every Space whose lock agrees on the SDK's closure shares it, a different closure never
+    reuses it, and a rebuilt base image (new tools) gets new SDK layers.
     """
     sdk, version = manifest.sdk, manifest.sdk_version
     pins = pins or []
@@ -148,9 +149,10 @@ def sdk_image_plan(manifest: Manifest, python_tag: str, base_image: str, config,
     lines.append(_label_line({"appliance.role": "sdk"}))
     containerfile = ("\n".join(lines) + "\n").encode()
     context[".appliance.Containerfile"] = containerfile
-    # The tag names the recipe and what it installs (not the file contents: they are named
-    # by their sha256 in the requirements), so a changed recipe builds a new layer.
-    recipe = hashlib.sha256(containerfile + context.get(".appliance-sdk.txt", b"")
+    # The tag names the base, the recipe and what it installs (not the file contents: they
+    # are named by their sha256 in the requirements), so a changed one builds a new layer.
+    recipe = hashlib.sha256(base_id.encode() + containerfile
+                            + context.get(".appliance-sdk.txt", b"")
                             + _uv_identity(sdk) + (STATIC_SERVER.read_bytes()
                                                    if sdk == "static" else b"")).hexdigest()[:8]
     # Tags allow [\w.-]: a local version label such as 5.9.1+cpu must not reach one as is.

@@ -30,6 +30,11 @@ import requests
 from ..errors import BuildFailed, InvalidInput
 
 RESOLUTIONS = ("dated", "latest")
+
+
+class PackagesFailed(BuildFailed):
+    """Resolving or fetching a Space's packages failed; the message already says why first."""
+
 # What Spaces' gradio and streamlit images carry beyond the SDK (huggingface.co/docs/hub,
 # "Spaces dependencies"); setuptools as the python:3.x images ship it.
 PREINSTALLED = ("datasets", "huggingface_hub", "hf-transfer", "setuptools")
@@ -54,7 +59,7 @@ def uv_binary() -> Path:
         found = shutil.which("uv")
         if found:
             return Path(found)
-    raise BuildFailed("uv is not installed in the appliance's environment",
+    raise PackagesFailed("uv is not installed in the appliance's environment",
                       hint="reinstall the appliance (sudo scripts/setup.sh), which installs uv")
 
 
@@ -92,7 +97,7 @@ def parse_lock(text: str) -> list[Pin]:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise BuildFailed(f"The package lock cannot be read: {exc}",
+        raise PackagesFailed(f"The package lock cannot be read: {exc}",
                           hint="resolve the Space again: appliance spaces relock NAME"
                           ) from None
     pins = []
@@ -109,9 +114,9 @@ def parse_lock(text: str) -> list[Pin]:
         filename = chosen["name"] if "name" in chosen else unquote(
             urlsplit(url).path.rsplit("/", 1)[-1])
         sha = (chosen.get("hashes") or {}).get("sha256")
-        if not (isinstance(filename, str) and _safe_filename(filename) and isinstance(sha, str)
+        if not (isinstance(filename, str) and safe_filename(filename) and isinstance(sha, str)
                 and re.fullmatch(r"[0-9a-f]{64}", sha)):
-            raise BuildFailed(f"The package lock names an unusable file for {name}: "
+            raise PackagesFailed(f"The package lock names an unusable file for {name}: "
                               f"{filename!r}", hint="resolve the Space again: appliance "
                               "spaces relock NAME")
         pins.append(Pin(name, version, filename, url, sha, chosen.get("size")))
@@ -136,11 +141,12 @@ def _direct_reference(name: str, package: dict) -> str:
     if isinstance(archive, dict) and str(archive.get("url", "")).startswith(("https://",
                                                                             "http://")):
         return f"{name} @ {archive['url']}"
-    raise BuildFailed(f"{name} comes from a local path, which a build cannot install",
+    raise PackagesFailed(f"{name} comes from a local path, which a build cannot install",
                       hint="list it by name and version, or as a git URL, in requirements.txt")
 
 
-def _safe_filename(name: str) -> bool:
+def safe_filename(name: str) -> bool:
+    """Whether a package file name is one plain name (no path, no "..") a cache can hold."""
     return bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+!-]{0,250}", name)) and ".." not in name
 
 
@@ -293,13 +299,13 @@ def resolve(inputs: Inputs, python: str, as_of: str | None, config, cache_dir: P
                                   capture_output=True, text=True, errors="replace",
                                   timeout=config.build_timeout, stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
-            raise BuildFailed(f"Resolving the Space's Python packages took longer than "
+            raise PackagesFailed(f"Resolving the Space's Python packages took longer than "
                               f"{config.build_timeout} s", hint=_NETWORK_HINT) from None
         for line in proc.stderr.splitlines():
             if line.strip():
                 log(line)
         if proc.returncode != 0:
-            raise BuildFailed(explain_resolve_failure(proc.stderr), hint=None)
+            raise PackagesFailed(explain_resolve_failure(proc.stderr), hint=None)
         return out.read_text()
 
 
@@ -387,7 +393,7 @@ def fetch(pins: Iterable[Pin], cache_dir: Path, config, log: Callable[[str], Non
         if failures:
             pin, reason = failures[0]
             host = urlsplit(pin.url or "").netloc or "the package index"
-            raise BuildFailed(
+            raise PackagesFailed(
                 f"Could not download {pin.name} {pin.version} ({pin.filename}) from {host}: "
                 f"{reason}" + (f" (and {len(failures) - 1} more files)" if len(failures) > 1
                                else "") + f". The box needs the package files: {_NETWORK_HINT}",

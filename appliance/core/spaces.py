@@ -200,8 +200,11 @@ def deploy(ctx: Context, space_id: str, factory: bool = False) -> dict[str, Any]
     except (ApplianceError, OSError) as exc:
         bases = builds.dockerfile_bases(checkout) if manifest and manifest.sdk == "docker" \
             else []
+        # A failed image build gets its log tail explained; the package steps already say
+        # what failed on their first line.
         text = builds.explain_failure(str(exc), log.tail, bases) \
-            if isinstance(exc, BuildFailed) else str(exc)
+            if isinstance(exc, BuildFailed) and not isinstance(exc, packages.PackagesFailed) \
+            else str(exc)
         log(f"==> {text.splitlines()[0]}")
         ctx.store.finish_build(build_id, "failed", error=log.redact(text))
         return _fail(ctx, space_id, stages.BUILD_ERROR, log.redact(text), serving)
@@ -246,7 +249,8 @@ def _build_images(ctx: Context, space_id: str, sha: str, checkout: Path, manifes
             locked = _locked_files(ctx, lock, log)
         plan = builds.sdk_image_plan(manifest, python, base_image, config,
                                      locked.sdk_pins if locked else None,
-                                     locked.files if locked else None)
+                                     locked.files if locked else None,
+                                     base_id=runtime.image_id(base_image))
         if factory or not runtime.image_exists(plan.tag):
             log(f"==> Building the shared SDK layer {plan.tag}")
             runtime.build(plan.context, plan.containerfile, plan.tag, plan.labels,
@@ -712,8 +716,8 @@ def set_resolution(ctx: Context, space_id: str, resolution: str | None) -> dict[
                                    or resolution not in packages.RESOLUTIONS):
         shown = repr(resolution)[:40]
         raise InvalidInput(f"Unknown package resolution {shown}",
-                           hint=f"use {', '.join(packages.RESOLUTIONS)} or default (the box's "
-                           f"choice, now {ctx.config.build_resolution})")
+                           hint=f"use {', '.join(packages.RESOLUTIONS)}, or none for the box's "
+                           f"choice (now {ctx.config.build_resolution})")
     ctx.store.update_space(space_id, actor=ctx.actor, event="resolution",
                            detail={"resolution": resolution}, resolution=resolution)
     return describe(ctx, space_id)

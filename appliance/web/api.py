@@ -94,6 +94,25 @@ def set_update_policy(owner: str, name: str):
         data.get("revision")))
 
 
+def set_resolution(owner: str, name: str):
+    space_id, data = _managed(owner, name), json_body()
+    if "resolution" not in data:
+        raise InvalidInput("'resolution' is required: dated, latest, default or null",
+                           hint='e.g. {"resolution": "dated"}')
+    value = data["resolution"]
+    return jsonify(actions.set_resolution(context(), space_id,
+                                          "default" if value is None else value))
+
+
+def forget_locks(owner: str, name: str):
+    return jsonify({"ok": True, "forgotten": actions.forget_locks(context(),
+                                                                  _managed(owner, name))})
+
+
+def space_packages(owner: str, name: str):
+    return jsonify(visible_space(f"{owner}/{name}")["lock"])
+
+
 def set_health(owner: str, name: str):
     from ..upkeep import health
 
@@ -219,6 +238,12 @@ ROUTES: tuple[tuple[str, str, Callable, str, str], ...] = (
     ("PUT", f"{SPACE}/update-policy", set_update_policy, "write", "manual, track or pinned"),
     ("PUT", f"{SPACE}/visibility", set_visibility, "write", "public or private"),
     ("PUT", f"{SPACE}/health", set_health, "write", "A health path and interval of its own"),
+    ("PUT", f"{SPACE}/resolution", set_resolution, "write",
+     "How packages are resolved: dated, latest or default (null)"),
+    ("DELETE", f"{SPACE}/lock", forget_locks, "write",
+     "Forget the package locks: the next build resolves again"),
+    ("GET", f"{SPACE}/packages", space_packages, "read",
+     "The packages locked for the serving revision (null: none)"),
     ("GET", f"{SPACE}/{KINDS}", list_kv, "read", "Variables, or secret names and dates"),
     ("PUT", f"{SPACE}/{KINDS}/<key>", set_kv, "write", "Set a secret or variable"),
     ("DELETE", f"{SPACE}/{KINDS}/<key>", delete_kv, "write", "Delete a secret or variable"),

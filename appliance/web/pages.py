@@ -245,7 +245,8 @@ def settings(owner: str, name: str):
         "settings.html", s=s, actions=ACTIONS, variables=ctx.store.kv("variables", s["id"]),
         secrets=ctx.store.kv_meta("secrets", s["id"]),
         hardware_choices=("cpu", "gpu", "gpu:2", "shared:4g", "shared:8g", "shared:16g"),
-        suggested=manifest.get("suggested_hardware"), gpu_present=_gpu_present())
+        suggested=manifest.get("suggested_hardware"), gpu_present=_gpu_present(),
+        box_resolution=config().build_resolution)
 
 
 def _gpu_present() -> bool:
@@ -312,6 +313,13 @@ def setting(owner: str, name: str, what: str):
                                         form.get("revision", "").strip())
     elif what == "visibility":
         actions.set_visibility(ctx, space_id, form.get("visibility", ""))
+    elif what == "resolution":
+        actions.set_resolution(ctx, space_id, form.get("resolution", ""))
+    elif what == "relock":
+        count = actions.forget_locks(ctx, space_id)
+        flash(f"Forgot {count} package lock{'' if count == 1 else 's'}: the next build "
+              "resolves the packages again (Factory rebuild builds now)", "ok")
+        return _back(space_id)
     elif what == "health":
         from ..upkeep import health
 
