@@ -302,3 +302,24 @@ def test_the_prune_removes_least_recently_used_files_but_never_a_kept_one(tmp_pa
     assert (removed, freed) == (2, 2000)
     left = {p.parent.name for p in packages.wheelhouse(cache).glob("*/*/*")}
     assert left == {made[0].sha256, made[3].sha256}  # p0 kept, p3 newest
+
+
+def test_the_inputs_digest_changes_with_what_the_resolution_is_asked_and_nothing_else(tmp_path):
+    roots, overrides = packages.sdk_roots("gradio", "4.44.0")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "requirements.txt").write_text("numpy\n-r more.txt\n")
+    (repo / "more.txt").write_text("pandas\n")
+
+    def digest(python="3.11", mode="dated"):
+        read: dict[str, bytes] = {}
+        packages.sanitise_requirements(repo / "requirements.txt", repo, tmp_path / "out",
+                                       read=read)
+        return packages.inputs_digest(roots, overrides, read, python, mode)
+
+    first = digest()
+    (repo / "app.py").write_text("print('a code-only change')\n")
+    assert digest() == first
+    assert digest(python="3.10") != first and digest(mode="latest") != first
+    (repo / "more.txt").write_text("pandas<2\n")  # an included file counts too
+    assert digest() != first

@@ -154,10 +154,22 @@ def test_a_gradio_4_space_with_loose_requirements_is_locked_and_rebuilds_offline
     assert f"Installing the packages locked for revision {view['revision'][:12]}" in log
     assert "Resolving Python packages" not in log
 
-    # A new commit has no lock: resolving it needs the index, and the failure says so first.
-    serving = view["revision"]
-    commit(repo, {"app.py": GRADIO_4_APP.replace("four", "4b")}, "new",
+    # A code-only commit asks for the same packages: it keeps the lock, so it needs no index.
+    commit(repo, {"app.py": GRADIO_4_APP.replace("four", "4b")}, "code only",
            date="2024-11-01T12:00:00Z")
+    needed, _ = spaces.request_update(cut_off, "old/gradio4")
+    assert needed
+    view = spaces.deploy(cut_off, "old/gradio4")
+    assert view["stage"] == stages.RUNNING, view["error"]
+    assert "gradio 4b answers" in page(view, "config")
+    carried = ctx.store.get_lock("old/gradio4", view["revision"])
+    assert carried["text"] == first["text"] and carried["as_of"] == "2024-10-15T12:00:00Z"
+    assert "are those of revision" in build_log(ctx, "old/gradio4")
+
+    # Changed requirements resolve again: that needs the index, and the failure says so first.
+    serving = view["revision"]
+    commit(repo, {"requirements.txt": "gradio>=4.0\ntransformers\ntqdm\n"}, "new needs",
+           date="2024-11-02T12:00:00Z")
     needed, _ = spaces.request_update(cut_off, "old/gradio4")
     assert needed
     view = spaces.deploy(cut_off, "old/gradio4")
@@ -166,7 +178,15 @@ def test_a_gradio_4_space_with_loose_requirements_is_locked_and_rebuilds_offline
     assert first_line.startswith(f"Could not reach the package index at 127.0.0.1:{port}")
     assert "connection refused" in first_line and "bundle" in first_line
     assert view["revision"] == serving  # the old revision keeps serving
-    assert "gradio four answers" in page(view, "config")
+    assert "gradio 4b answers" in page(view, "config")
+
+    # Relock: the same revision resolves again (with the index back), as of its commit.
+    assert spaces.forget_locks(ctx, "old/gradio4") >= 2
+    needed, _ = spaces.request_update(ctx, "old/gradio4")
+    view = spaces.deploy(ctx, "old/gradio4")
+    assert view["stage"] == stages.RUNNING, view["error"]
+    assert view["lock"]["as_of"] == "2024-11-02T12:00:00Z"
+    assert "tqdm" in {p["name"] for p in view["lock"]["packages"]}
     spaces.delete(ctx, "old/gradio4")
 
 

@@ -198,8 +198,8 @@ _INDEX_OPTION = re.compile(r"^(--index-url|-i|--extra-index-url|--find-links|-f)
 _INCLUDE_OPTION = re.compile(r"^(-r|--requirement|-c|--constraint)(?:\s+|=)(\S+)$")
 
 
-def sanitise_requirements(path: Path, root: Path, into: Path, seen: set[Path] | None = None
-                          ) -> Path:
+def sanitise_requirements(path: Path, root: Path, into: Path, seen: set[Path] | None = None,
+                          read: dict[str, bytes] | None = None) -> Path:
     """Copy a requirements file for the resolver, refusing what could read the box's files.
 
     The resolver runs on the box, so a line naming a local path (`-e .`, `/etc/…`, `file:`)
@@ -214,7 +214,10 @@ def sanitise_requirements(path: Path, root: Path, into: Path, seen: set[Path] | 
         raise InvalidInput(f"{path.name} is not a file inside the repository",
                            hint="requirements files may include only files of the repository")
     out_lines = []
-    for number, raw in enumerate(real.read_text(errors="replace").splitlines(), 1):
+    content = real.read_bytes()
+    if read is not None:
+        read[str(real.relative_to(root.resolve()))] = content
+    for number, raw in enumerate(content.decode(errors="replace").splitlines(), 1):
         line = raw.split(" #", 1)[0].strip() if not raw.lstrip().startswith("#") else ""
         where = f"{path.relative_to(root) if path.is_relative_to(root) else path.name}:{number}"
         if not line:
@@ -229,7 +232,7 @@ def sanitise_requirements(path: Path, root: Path, into: Path, seen: set[Path] | 
             continue
         if match := _INCLUDE_OPTION.match(line):
             included = (real.parent / match.group(2))
-            copy = sanitise_requirements(included, root, into, seen)
+            copy = sanitise_requirements(included, root, into, seen, read)
             out_lines.append(f"{match.group(1)} {copy}")
             continue
         if line.startswith(("-", ".", "/", "~", "file:")) or re.search(r"@\s*file:", line):
@@ -242,6 +245,17 @@ def sanitise_requirements(path: Path, root: Path, into: Path, seen: set[Path] | 
     out = into / f"{hashlib.sha256(str(real).encode()).hexdigest()[:12]}.txt"
     out.write_text("".join(f"{line}\n" for line in out_lines))
     return out
+
+
+def inputs_digest(roots: tuple[str, ...], overrides: tuple[str, ...], files: dict[str, bytes],
+                  python: str, resolution: str) -> str:
+    """Name what a resolution was asked: two revisions with the same digest ask the same."""
+    digest = hashlib.sha256()
+    for part in (*roots, "|", *overrides, "|", python, resolution, target_platform()):
+        digest.update(part.encode() + b"\0")
+    for name in sorted(files):
+        digest.update(name.encode() + b"\0" + hashlib.sha256(files[name]).digest())
+    return digest.hexdigest()
 
 
 def uv_environment(config, cache_dir: Path) -> dict[str, str]:

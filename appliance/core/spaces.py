@@ -279,22 +279,32 @@ def resolution_of(ctx: Context, row: dict[str, Any]) -> str:
 
 def _lock_for(ctx: Context, space_id: str, sha: str, checkout: Path, manifest: Manifest,
               python: str, log) -> dict[str, Any]:
-    """The revision's recorded lock; or a new resolution (recorded once the build succeeds)."""
+    """The revision's recorded lock; else the lock of an earlier revision that asked for the
+    same packages (a code-only change keeps its packages); else a new resolution. A new lock
+    is recorded once the build succeeds."""
     found = ctx.store.get_lock(space_id, sha)
     if found and found["python"] == python:
-        when = f"as of {found['as_of']}" if found["as_of"] else "newest versions"
         log(f"==> Installing the packages locked for revision {sha[:12]} "
-            f"({found['resolution']}, {when}; {found['created_at'][:19]})")
+            f"({_lock_words(found)}; locked {found['created_at'][:19]})")
         return found
     row = ctx.store.get_space(space_id)
     mode = resolution_of(ctx, row)
-    as_of = sources.commit_time(checkout) if mode == "dated" else None
     cache = ctx.config.package_cache_path
     roots, overrides = packages.sdk_roots(manifest.sdk, manifest.sdk_version)
     with tempfile.TemporaryDirectory(prefix="appliance-requirements-") as tmp:
-        files = tuple(packages.sanitise_requirements(checkout / name, checkout, Path(tmp))
+        read: dict[str, bytes] = {}
+        files = tuple(packages.sanitise_requirements(checkout / name, checkout, Path(tmp),
+                                                     read=read)
                       for name in ("pre-requirements.txt", "requirements.txt")
                       if (checkout / name).is_file())
+        inputs = packages.inputs_digest(roots, overrides, read, python, mode)
+        for earlier in reversed(ctx.store.locks(space_id)):
+            if earlier["inputs"] == inputs:
+                log(f"==> The Python requirements are those of revision "
+                    f"{earlier['revision'][:12]}: installing its lock ({_lock_words(earlier)}); "
+                    f"'appliance spaces relock {space_id}' resolves them again")
+                return {**earlier, "revision": sha, "created_at": None}
+        as_of = sources.commit_time(checkout) if mode == "dated" else None
         text = packages.resolve(packages.Inputs(roots, files, overrides), python, as_of,
                                 ctx.config, cache, log)
     pins = packages.parse_lock(text)
@@ -308,7 +318,12 @@ def _lock_for(ctx: Context, space_id: str, sha: str, checkout: Path, manifest: M
         sdk_names = sorted({packages.canonical(p.name) for p in pins})
     return {"space_id": space_id, "revision": sha, "resolution": mode, "as_of": as_of,
             "python": python, "platform": packages.target_platform(), "text": text,
-            "sdk_packages": json.dumps(sdk_names), "created_at": None}
+            "sdk_packages": json.dumps(sdk_names), "inputs": inputs, "created_at": None}
+
+
+def _lock_words(lock: dict[str, Any]) -> str:
+    return (f"{lock['resolution']}, as of {lock['as_of']}" if lock["as_of"]
+            else f"{lock['resolution']}, newest versions")
 
 
 def _locked_files(ctx: Context, lock: dict[str, Any], log) -> builds.Locked:
