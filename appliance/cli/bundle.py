@@ -52,7 +52,8 @@ def bundle_export(obj, space_ids, output, models, hub_cache, sign_key, with_appl
     emit(result, as_json, lambda r: (
         f"Wrote {r['path']} ({r['size'] / 2**20:.0f} MiB{', signed' if r['signed'] else ''}) "
         f"in {r['seconds']} s: {', '.join(r['spaces'])}"
-        + (f"; models {', '.join(r['models'])}" if r["models"] else "")))
+        + (f"; models {', '.join(r['models'])}" if r["models"] else "")
+        + (f"; {r['package_files']} package files" if r.get("package_files") else "")))
 
 
 @bundle_group.command("import")
@@ -76,6 +77,9 @@ def bundle_import(obj, bundle, verify_key, as_json):
         for space in r["spaces"]:
             lines.append(f"  {space['id']:<32} {space['stage']:<14} {space['url'] or '-'}"
                          + (f"\n    error: {space['error']}" if space["error"] else ""))
+        if r.get("package_files"):
+            lines.append(f"  {r['package_files']} package files into the package cache "
+                         "(locked rebuilds need no package index)")
         if r["wheels"]:
             lines.append("  wheels for an offline install are in the bundle: "
                          "tar -xf BUNDLE wheels && pip install --no-index --find-links wheels "
@@ -92,15 +96,21 @@ def bundle_import(obj, bundle, verify_key, as_json):
 @click.option("--json", "as_json", is_flag=True)
 @handles_errors
 def bundle_show(bundle, as_json):
-    """Print what a bundle holds (its manifest, unchecked: import checks everything).
+    """Print what a bundle holds (its manifest, unchecked: import checks everything); with
+    --json, the manifest and a package_files summary (count, size in bytes).
 
     Example: appliance bundle show spaces.bundle
     """
     manifest = bundles.read_manifest(bundle)
-    emit(manifest, as_json, lambda m: "\n".join(
+    summary = bundles.package_summary(manifest)
+    emit({**manifest, "package_files": summary}, as_json, lambda m: "\n".join(
         [f"{bundle}: bundle format {m.get('version')}, made {m.get('created_at')}"]
-        + [f"  space  {s['id']} @ {s['revision'][:12]} ({s['sdk']})" for s in m["spaces"]]
+        + [f"  space  {s['id']} @ {s['revision'][:12]} ({s['sdk']})"
+           + (f", {len(s['locks'])} package lock(s)" if s.get("locks") else "")
+           for s in m["spaces"]]
         + [f"  model  {x['repo_id']} @ {x['revision'][:12]} ({len(x['files'])} files)"
            for x in m["models"]]
         + [f"  image  {t}" for t in m["images"]["tags"]]
+        + [f"  {summary['count']} package files ({summary['size'] / 2**20:.1f} MiB)"]
+        * bool(summary["count"])
         + [f"  {len(m.get('wheels') or [])} wheels"] * bool(m.get("wheels"))))

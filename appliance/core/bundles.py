@@ -6,6 +6,8 @@ A bundle is a plain (GNU) tar whose members are all regular files ("parts"):
     images/images.tar                   `podman save` (docker-archive) of the Spaces' images,
                                         their SDK layer and base image, layers stored once
     models/<models--o--n>/blobs/<blob>  model / dataset files, each stored once
+    packages/<sha256>/<file>            the Python package files the Spaces' locks name, each
+                                        stored once (a locked rebuild needs no package index)
     wheels/<file>.whl                   optional: the appliance and its Python dependencies
     manifest.json                       what each part is, with its sha256 and size
     manifest.sig                        optional: HMAC-SHA256 of manifest.json, hex
@@ -41,7 +43,7 @@ from typing import IO, Any
 from ..adapters.runtime import LABEL_INSTANCE
 from ..errors import ApplianceError, Conflict, InvalidInput, NotFound
 from ..gpu import claims
-from . import builds, sources, spaces
+from . import builds, packages, sources, spaces
 from .manifest import load_manifest
 
 FORMAT = "appliance-bundle"
@@ -52,10 +54,14 @@ IMAGES_PART = "images/images.tar"
 HF_CACHE_DIR = spaces.HF_HOME
 _BLOCK = 512
 _CHUNK = 1 << 20
-_PART_NAME = re.compile(r"(?:repos|images|models|wheels)/[A-Za-z0-9._@+=/-]{1,400}")
+_PART_NAME = re.compile(r"(?:repos|images|models|packages|wheels)/[A-Za-z0-9._@+=!/-]{1,400}")
 _REPO_ID = re.compile(r"(?:(datasets|models)/)?([A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96})")
 _REVISION = re.compile(r"[\w.-]{1,128}")
 _HEX40 = re.compile(r"[0-9a-f]{40}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_PYTHON_TAG = re.compile(r"\d{1,2}\.\d{1,3}(?:\.\d{1,3})?")
+_WORD = re.compile(r"[A-Za-z0-9_:.+-]{1,64}")
+LOCK_FIELDS = ("revision", "resolution", "as_of", "python", "platform", "text", "sdk_packages")
 
 
 class BundleError(ApplianceError):
@@ -413,6 +419,84 @@ def _owned_by_nobody(info: tarfile.TarInfo) -> tarfile.TarInfo:
     return info
 
 
+@dataclass
+class PackageFiles:
+    """The exported Spaces' package locks and the files they name, each file stored once."""
+
+    locks: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # Space -> its locks
+    files: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # Space -> its files
+    paths: dict[str, Path] = field(default_factory=dict)  # part name -> file in the cache
+
+    @property
+    def size(self) -> int:
+        return sum(path.stat().st_size for path in self.paths.values())
+
+
+def package_part(sha256: str, filename: str) -> str:
+    """The bundle part holding a package file (named by its hash, as in the package cache)."""
+    return f"packages/{sha256}/{filename}"
+
+
+def gather_packages(ctx, rows: list[dict[str, Any]], log: Log = _quiet) -> PackageFiles:
+    """The locks of each Space's serving and previous revisions and every file they name,
+    downloaded into the package cache first where missing (that needs the package index)."""
+    cache = ctx.config.package_cache_path
+    gathered = PackageFiles()
+    for row in rows:
+        locks, pins = [], {}
+        for revision in dict.fromkeys(r for r in (row["revision"], row["previous_revision"])
+                                      if r):
+            lock = ctx.store.get_lock(row["id"], revision)
+            if lock is None:
+                continue
+            locks.append({**{k: lock[k] for k in LOCK_FIELDS},
+                          "sdk_packages": json.loads(lock["sdk_packages"] or "[]")})
+            for pin in packages.parse_lock(lock["text"]):
+                if pin.direct:
+                    log(f"Note: {row['id']} installs {pin.direct} from its source: a rebuild "
+                        "on the offline box needs that source reachable")
+                else:
+                    pins[package_part(pin.sha256, pin.filename)] = pin
+        try:
+            if pins:
+                packages.fetch(pins.values(), cache, ctx.config, log)
+        except ApplianceError as exc:
+            raise ApplianceError(
+                f"Cannot export {row['id']}: the package files its lock names are not all in "
+                f"the package cache {cache}, and downloading them failed: {exc.message}",
+                hint="export from a box that reaches the package index (or its mirror), or "
+                "rebuild the Space on this box first") from None
+        gathered.locks[row["id"]] = locks
+        gathered.files[row["id"]] = []
+        for part, pin in sorted(pins.items(), key=lambda item: item[1].filename):
+            path = packages.cached_path(cache, pin)
+            gathered.paths[part] = path
+            gathered.files[row["id"]].append({"sha256": pin.sha256, "filename": pin.filename,
+                                              "size": path.stat().st_size})
+    return gathered
+
+
+def write_packages(writer: _TarWriter, gathered: PackageFiles) -> None:
+    """Add each package file once, checking that what was written hashes as its name says."""
+    for part, path in sorted(gathered.paths.items()):
+        written = writer.add_file(part, path)
+        if written["sha256"] != part.split("/")[1]:
+            raise BundleError(f"The package file {path} is corrupt in the package cache: its "
+                              f"sha256 is {written['sha256'][:16]}…",
+                              hint=f"delete {path.parent} and export again (it is downloaded "
+                              "again)")
+
+
+def package_summary(manifest: dict[str, Any]) -> dict[str, int]:
+    """How many package files a bundle carries and their size (each file counted once)."""
+    seen = {}
+    for space in manifest.get("spaces") or []:
+        for item in space.get("packages") or []:
+            if isinstance(item, dict):
+                seen[(item.get("sha256"), item.get("filename"))] = item.get("size") or 0
+    return {"count": len(seen), "size": sum(v for v in seen.values() if isinstance(v, int))}
+
+
 def export_bundle(ctx, space_ids: list[str], dest: Path, models: Iterable[str] = (),
                   hub_cache: Path | None = None, sign_key: bytes | None = None,
                   with_appliance: bool = False, log: Log = _quiet) -> dict[str, Any]:
@@ -439,6 +523,7 @@ def export_bundle(ctx, space_ids: list[str], dest: Path, models: Iterable[str] =
         else:
             specs[key] = spec
     found = [locate_model(spec, hub_cache) for spec in specs.values()]  # fail before writing
+    gathered = gather_packages(ctx, rows, log)
     images = _images_to_save(ctx, rows)
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = dest.with_name(f".{dest.name}.partial-{pysecrets.token_hex(4)}")
@@ -468,6 +553,7 @@ def export_bundle(ctx, space_ids: list[str], dest: Path, models: Iterable[str] =
                     "title": row["title"],
                     "models": [parse_model_spec(m).repo_id for m in _space_models(row)],
                     "variables": ctx.store.kv("variables", row["id"]),
+                    "locks": gathered.locks[row["id"]], "packages": gathered.files[row["id"]],
                 })
             log(f"Saving {len(images)} image(s): {', '.join(images)}")
             writer.add_stream(IMAGES_PART, ctx.runtime.save_images(images))
@@ -482,6 +568,10 @@ def export_bundle(ctx, space_ids: list[str], dest: Path, models: Iterable[str] =
                 })
                 log(f"Added {model.spec.repo_id} at {model.revision[:12]} "
                     f"({len(model.files)} files)")
+            if gathered.paths:
+                write_packages(writer, gathered)
+                log(f"Added {len(gathered.paths)} package files "
+                    f"({gathered.size / 2**20:.0f} MiB)")
             if with_appliance:
                 wheels = Path(work) / "wheels"
                 download_wheels(wheels, log)
@@ -500,7 +590,8 @@ def export_bundle(ctx, space_ids: list[str], dest: Path, models: Iterable[str] =
     return {"path": str(dest), "size": dest.stat().st_size, "signed": sign_key is not None,
             "spaces": [s["id"] for s in manifest["spaces"]],
             "models": [m["repo_id"] for m in manifest["models"]], "images": images,
-            "wheels": len(manifest["wheels"]), "seconds": round(time.monotonic() - started, 2)}
+            "wheels": len(manifest["wheels"]), "package_files": len(gathered.paths),
+            "seconds": round(time.monotonic() - started, 2)}
 
 
 def _images_to_save(ctx, rows: list[dict[str, Any]]) -> list[str]:
@@ -571,17 +662,20 @@ def import_bundle(ctx, path: Path, key: bytes | None = None, log: Log = _quiet
     try:
         log(f"Checking {path}")
         staged = stage_bundle(Path(path), staging, key, require)
+        checked = check_packages(staged, config.package_cache_path)
         _unpack_repos(staged)
         plans = _plan_spaces(ctx, staged)
         log("Every part checked; installing")
         loaded = _load_images(ctx, staged, log)
         _install_models(ctx, staged, loaded, log)
-        results = [_apply_space(ctx, staged, plan, log) for plan in plans]
+        install_packages(checked, log)
+        results = [_apply_space(ctx, staged, plan, checked.locks.get(plan.entry["id"], []), log)
+                   for plan in plans]
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {"spaces": results, "models": [m["repo_id"] for m in staged.manifest["models"]],
             "images": loaded, "signed": staged.signed,
-            "wheels": staged.manifest.get("wheels", []),
+            "wheels": staged.manifest.get("wheels", []), "package_files": len(checked.files),
             "seconds": round(time.monotonic() - started, 2)}
 
 
@@ -646,6 +740,128 @@ def _plan_spaces(ctx, staged: Staged) -> list[_SpacePlan]:
             claims.check_request(ctx, space_id, entry.get("hardware") or "cpu")
         plans.append(_SpacePlan(entry, row is not None, repo))
     return plans
+
+
+@dataclass
+class CheckedPackages:
+    """A bundle's package files and locks, every one checked, ready to install."""
+
+    files: dict[Path, Path] = field(default_factory=dict)  # staged file -> its cache path
+    locks: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # Space -> lock rows
+
+
+def check_packages(staged: Staged, cache_dir: Path) -> CheckedPackages:
+    """Check every package file the manifest lists (its name, its hash, the content of its
+    part) and every lock (it reads, and each file it names is carried); raise BundleError
+    naming the entry. Names come from the manifest and are checked before any path is made
+    of them; nothing is written."""
+    checked = CheckedPackages()
+    hashed: dict[str, str] = {}
+    root = staged.root.resolve()
+    wheelhouse = packages.wheelhouse(cache_dir)
+    for space in staged.manifest["spaces"]:
+        space_id = space.get("id")
+        items = space.get("packages") or []
+        if not isinstance(items, list):
+            raise BundleError(f"The bundle lists the package files of {space_id} oddly")
+        carried: set[tuple[str, str]] = set()
+        for number, item in enumerate(items, 1):
+            item = item if isinstance(item, dict) else {}
+            filename, sha = item.get("filename"), item.get("sha256")
+            entry = (f"Package file {number} of {space_id} ({_shown(filename)}, sha256 "
+                     f"{_shown(sha)})")
+            if not isinstance(filename, str) or not packages.safe_filename(filename):
+                raise BundleError(f"{entry} has a refused file name",
+                                  hint="this bundle was altered or not made by an appliance")
+            if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+                raise BundleError(f"{entry} has no valid sha256 (64 lower-case hex digits)",
+                                  hint="this bundle was altered or not made by an appliance")
+            part = package_part(sha, filename)
+            source = root / "packages" / sha / filename
+            if part not in staged.manifest["parts"] or source.is_symlink() \
+                    or not source.is_file() or source.resolve().parent.parent != root / "packages":
+                raise BundleError(f"{entry} is not in the bundle (no part {part})",
+                                  hint="export the bundle again")
+            if part not in hashed:
+                hashed[part] = _sha256_file(source)
+            if hashed[part] != sha:
+                raise BundleError(f"{entry} does not match its content: the part hashes to "
+                                  f"{hashed[part][:16]}…", hint="this bundle was altered")
+            pin = packages.Pin("", "", filename, None, sha, None)
+            target = packages.cached_path(cache_dir, pin)
+            if target.parent.parent.parent != wheelhouse or target.name != filename:
+                raise BundleError(f"{entry} would land outside the package cache")
+            checked.files[source] = target
+            carried.add((sha, filename))
+        checked.locks[space_id] = _check_locks(space, carried)
+    return checked
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "…"
+
+
+def _check_locks(space: dict[str, Any], carried: set[tuple[str, str]]) -> list[dict[str, Any]]:
+    space_id = space.get("id")
+    locks = space.get("locks") or []
+    if not isinstance(locks, list):
+        raise BundleError(f"The bundle lists the package locks of {space_id} oddly")
+    rows, revisions = [], set()
+    for number, lock in enumerate(locks, 1):
+        lock = lock if isinstance(lock, dict) else {}
+        revision = lock.get("revision")
+        entry = f"Package lock {number} of {space_id} (revision {_shown(revision)})"
+        problems = [
+            (isinstance(revision, str) and bool(_HEX40.fullmatch(revision)), "revision"),
+            (lock.get("resolution") in packages.RESOLUTIONS, "resolution"),
+            (isinstance(lock.get("python"), str) and bool(_PYTHON_TAG.fullmatch(lock["python"])),
+             "python"),
+            (lock.get("platform") is None or isinstance(lock["platform"], str)
+             and bool(_WORD.fullmatch(lock["platform"])), "platform"),
+            (lock.get("as_of") is None or isinstance(lock["as_of"], str)
+             and bool(_WORD.fullmatch(lock["as_of"])), "as_of"),
+            (isinstance(lock.get("text"), str), "text"),
+            (isinstance(lock.get("sdk_packages"), list)
+             and all(isinstance(n, str) for n in lock["sdk_packages"]), "sdk_packages"),
+        ]
+        bad = [name for ok, name in problems if not ok]
+        if bad:
+            raise BundleError(f"{entry} has an invalid {', '.join(bad)}",
+                              hint="this bundle was altered or not made by an appliance")
+        if revision in revisions:
+            raise BundleError(f"{entry} is listed twice")
+        revisions.add(revision)
+        try:
+            pins = packages.parse_lock(lock["text"])
+        except ApplianceError as exc:
+            raise BundleError(f"{entry} cannot be read: {exc.message}") from None
+        for pin in pins:
+            if pin.filename and (pin.sha256, pin.filename) not in carried:
+                raise BundleError(f"{entry} names {pin.filename} (sha256 {pin.sha256[:16]}…), "
+                                  "which the bundle does not carry",
+                                  hint="export the bundle again")
+        rows.append({**{k: lock.get(k) for k in LOCK_FIELDS}, "space_id": space_id,
+                     "sdk_packages": json.dumps(lock["sdk_packages"])})
+    return rows
+
+
+def install_packages(checked: CheckedPackages, log: Log = _quiet) -> None:
+    """Copy the checked package files into the package cache (a file already there, whole,
+    stays); each lands under a temporary name first, so a reader never sees half a file."""
+    for source, target in checked.files.items():
+        sha = target.parent.name
+        if target.is_file() and not target.is_symlink() and _sha256_file(target) == sha:
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.{pysecrets.token_hex(4)}.part")
+        try:
+            shutil.copyfile(source, partial)
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
+    if checked.files:
+        log(f"Installed {len(checked.files)} package files into the package cache")
 
 
 def _load_images(ctx, staged: Staged, log: Log) -> list[str]:
@@ -740,7 +956,8 @@ def _install_models(ctx, staged: Staged, loaded: list[str], log: Log) -> None:
     log(f"Installed {len(tops)} model(s) into the volume {spaces.HF_CACHE_VOLUME}")
 
 
-def _apply_space(ctx, staged: Staged, plan: _SpacePlan, log: Log) -> dict[str, Any]:
+def _apply_space(ctx, staged: Staged, plan: _SpacePlan, locks: list[dict[str, Any]],
+                 log: Log) -> dict[str, Any]:
     entry = plan.entry
     space_id, sha, image = entry["id"], entry["revision"], entry["image"]
     unpacked = staged.part(entry["repo"]).with_suffix("")
@@ -777,6 +994,10 @@ def _apply_space(ctx, staged: Staged, plan: _SpacePlan, log: Log) -> dict[str, A
             spaces.set_value(ctx, "variables", space_id, key, value)
     # Models come from the shared cache, never from the Hub: there is no network here.
     spaces.set_value(ctx, "variables", space_id, "HF_HUB_OFFLINE", "1")
+    # The locks the bundled images were built with: a rebuild here installs the same files
+    # from the package cache, with no package index.
+    for lock in locks:
+        ctx.store.save_lock(lock)
     ctx.store.update_space(space_id, sdk=manifest.sdk, title=manifest.title,
                            manifest=json.dumps(manifest.to_dict()),
                            warnings=json.dumps(list(manifest.warnings)))
