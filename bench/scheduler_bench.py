@@ -563,8 +563,9 @@ def static_sdk_image(ctx: spaces.Context, repo: Path) -> dict[str, Any]:
     manifest = load_manifest(repo)
     available = [t.rsplit(":", 1)[1] for t in ctx.runtime.list_images(builds.BASE_REPOSITORY)]
     python, _ = builds.choose_python(manifest.python_version, available)
-    tag = builds.sdk_image_plan(manifest, python, f"{builds.BASE_REPOSITORY}:{python}",
-                                ctx.config).tag
+    base = f"{builds.BASE_REPOSITORY}:{python}"
+    tag = builds.sdk_image_plan(manifest, python, base, ctx.config,
+                                base_id=ctx.runtime.image_id(base)).tag
     return {"tag": tag, "existed_before": ctx.runtime.image_exists(tag)}
 
 

@@ -323,3 +323,40 @@ def test_the_inputs_digest_changes_with_what_the_resolution_is_asked_and_nothing
     assert digest(python="3.10") != first and digest(mode="latest") != first
     (repo / "more.txt").write_text("pandas<2\n")  # an included file counts too
     assert digest() != first
+
+
+def test_a_second_space_asking_the_same_moments_later_resolves_from_the_cached_index(tmp_path):
+    """The index's pages fetched for one Space serve the next one with the same inputs within
+    the index's cache lifetime; a Space asking for something else asks the index."""
+    from conftest import make_space_repo
+
+    from appliance.core import spaces
+    from appliance.core.manifest import load_manifest
+
+    config = load_config({}, data_dir=str(tmp_path / "data"), podman_autostart=False,
+                         podman_url="unix:///nonexistent.sock",
+                         package_cache_dir=str(tmp_path / "cache"))
+    ctx = spaces.open_context(config, actor="test")
+    readme = "---\nsdk: gradio\nsdk_version: 4.44.0\npython_version: '3.11'\n---\n"
+    logs = {}
+    for name, extra in (("first", ""), ("second", ""), ("other", "tqdm\n")):
+        repo = make_space_repo(tmp_path / name, {"README.md": readme, "app.py": "",
+                                                 "requirements.txt": "numpy\n" + extra},
+                               date="2024-10-15T12:00:00Z")
+        space_id = f"team/{name}"
+        ctx.store.insert_space({"id": space_id, "source": str(repo), "source_display": name,
+                                "port": 17990 + len(logs), "stage": "BUILDING",
+                                "hardware": "cpu", "desired": "running"}, "test")
+        said = []
+        lock = spaces._lock_for(ctx, space_id, "a" * 40, repo, load_manifest(repo), "3.11",
+                                said.append)
+        ctx.store.save_lock(lock)
+        logs[name] = (said, lock)
+    assert not any("cached moments ago" in line for line in logs["first"][0])
+    assert any("cached moments ago" in line for line in logs["second"][0])
+    assert logs["second"][1]["text"] == logs["first"][1]["text"]
+    assert logs["second"][1]["resolved_at"] == logs["first"][1]["resolved_at"]
+    # Other inputs: the index is asked (tqdm's page was never fetched).
+    assert not any("cached moments ago" in line for line in logs["other"][0])
+    assert "tqdm" in {p.name for p in packages.parse_lock(logs["other"][1]["text"])}
+    ctx.store.close()

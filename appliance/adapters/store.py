@@ -148,10 +148,12 @@ def _m009_locks(db: sqlite_utils.Database) -> None:
     # The exact Python packages each built revision installed (the pylock.toml uv wrote), so
     # a rebuild of that revision installs the same files; and a Space's own choice of how its
     # packages are resolved ("dated" or "latest"; NULL: the box's build_resolution). inputs
-    # names what the resolution was asked (a later revision asking the same keeps the lock).
+    # names what the resolution was asked (a later revision asking the same keeps the lock);
+    # resolved_at is when the index was last asked for it.
     db["locks"].create(
         {"space_id": str, "revision": str, "resolution": str, "as_of": str, "python": str,
-         "platform": str, "text": str, "sdk_packages": str, "inputs": str, "created_at": str},
+         "platform": str, "text": str, "sdk_packages": str, "inputs": str, "resolved_at": str,
+         "created_at": str},
         pk=("space_id", "revision"), foreign_keys=[("space_id", "spaces", "id")],
         not_null={"resolution", "python", "text"},
     )
@@ -429,7 +431,7 @@ class Store:
     def save_lock(self, lock: dict[str, Any]) -> None:
         """Record the packages a revision's build installed (once: a rebuild reuses them)."""
         fields = ("space_id", "revision", "resolution", "as_of", "python", "platform", "text",
-                  "sdk_packages", "inputs")
+                  "sdk_packages", "inputs", "resolved_at")
         with self.transaction():
             self.db["locks"].insert({**{k: lock.get(k) for k in fields}, "created_at": now()},
                                     pk=("space_id", "revision"), replace=True)

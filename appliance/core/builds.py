@@ -98,7 +98,9 @@ def _ca_mount(config) -> tuple[str, str]:
 # The locked files come in through a bind mount of the context, so they never land in a layer;
 # uv installs exactly them (hash-checked, no resolver, no index) into the Space's venv.
 _WHEELS = ".appliance-wheels"
-_UV_ENV = "UV_LINK_MODE=copy UV_NO_CACHE=1 UV_PYTHON_DOWNLOADS=never "
+# Bytecode is compiled at install, as pip does: otherwise every new container of the Space
+# compiles its imports again before it answers (seconds for gradio).
+_UV_ENV = "UV_LINK_MODE=copy UV_NO_CACHE=1 UV_PYTHON_DOWNLOADS=never UV_COMPILE_BYTECODE=1 "
 _UV_INSTALL = ("uv pip install --python /home/user/.venv/bin/python --no-deps --require-hashes "
                "--find-links /tmp/wheels")
 # uv reads its own variables; the index settings builds honour reach it through these.
@@ -137,8 +139,9 @@ def sdk_image_plan(manifest: Manifest, python_tag: str, base_image: str, config,
         context["static_server.py"] = STATIC_SERVER.read_bytes()
     else:
         requirements = packages.requirements_text(pins)
+        # No ensurepip (seconds): pip comes locked with the other packages, as uv installs.
         lines += ["COPY .appliance-uv /usr/local/bin/uv", "USER user",
-                  "WORKDIR /home/user/app", "RUN python3 -m venv /home/user/.venv"]
+                  "WORKDIR /home/user/app", "RUN python3 -m venv --without-pip /home/user/.venv"]
         context[".appliance-uv"] = packages.uv_binary()
         if requirements:
             lines += [_UV_ARGS, "COPY --chown=1000:1000 .appliance-sdk.txt "

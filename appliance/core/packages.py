@@ -36,8 +36,8 @@ class PackagesFailed(BuildFailed):
     """Resolving or fetching a Space's packages failed; the message already says why first."""
 
 # What Spaces' gradio and streamlit images carry beyond the SDK (huggingface.co/docs/hub,
-# "Spaces dependencies"); setuptools as the python:3.x images ship it.
-PREINSTALLED = ("datasets", "huggingface_hub", "hf-transfer", "setuptools")
+# "Spaces dependencies"); pip and setuptools as the python:3.x images ship them.
+PREINSTALLED = ("datasets", "huggingface_hub", "hf-transfer", "pip", "setuptools")
 # glibc of the base image (Debian bookworm): wheels tagged for a newer one would not load.
 BASE_GLIBC = "2_36"
 _NAME = re.compile(r"[-_.]+")
@@ -281,11 +281,13 @@ def uv_environment(config, cache_dir: Path) -> dict[str, str]:
 
 
 def resolve(inputs: Inputs, python: str, as_of: str | None, config, cache_dir: Path,
-            log: Callable[[str], None], constraints: str | None = None) -> str:
+            log: Callable[[str], None], constraints: str | None = None,
+            offline: bool = False) -> str:
     """Resolve the inputs with uv for the base image; return the pylock.toml text.
 
     as_of (an ISO time) leaves out every file uploaded after it; None takes the newest.
-    constraints (a requirements text) keeps the resolution inside an earlier one.
+    constraints (a requirements text) keeps the resolution inside an earlier one. offline
+    uses only the index pages in uv's cache (fails if they fall short).
     """
     with tempfile.TemporaryDirectory(prefix="appliance-resolve-") as tmp:
         work = Path(tmp)
@@ -298,6 +300,8 @@ def resolve(inputs: Inputs, python: str, as_of: str | None, config, cache_dir: P
                    "-o", str(out), str(roots), *map(str, inputs.files)]
         if as_of:
             command += ["--exclude-newer", as_of]
+        if offline:
+            command.append("--offline")
         if inputs.overrides:
             overrides = work / "overrides.txt"
             overrides.write_text("".join(f"{o}\n" for o in inputs.overrides))
@@ -307,7 +311,8 @@ def resolve(inputs: Inputs, python: str, as_of: str | None, config, cache_dir: P
             constraint_file.write_text(constraints)
             command += ["--constraint", str(constraint_file)]
         log("==> Resolving Python packages with uv" +
-            (f" as of {as_of}" if as_of else " (newest versions)"))
+            (f" as of {as_of}" if as_of else " (newest versions)") +
+            (" from the index pages cached moments ago" if offline else ""))
         try:
             proc = subprocess.run(command, env=uv_environment(config, cache_dir), cwd=tmp,
                                   capture_output=True, text=True, errors="replace",
@@ -316,12 +321,16 @@ def resolve(inputs: Inputs, python: str, as_of: str | None, config, cache_dir: P
             raise PackagesFailed(f"Resolving the Space's Python packages took longer than "
                               f"{config.build_timeout} s", hint=_NETWORK_HINT) from None
         for line in proc.stderr.splitlines():
-            if line.strip():
+            if line.strip() and not (offline and proc.returncode):
                 log(line)
         if proc.returncode != 0:
             raise PackagesFailed(explain_resolve_failure(proc.stderr), hint=None)
         return out.read_text()
 
+
+# How long index pages fetched by one resolution serve another with the same inputs without
+# asking the index again: PyPI's own Cache-Control max-age for its simple pages.
+INDEX_FRESH_SECONDS = 600
 
 _NETWORK_HINT = ("set APPLIANCE_PIP_INDEX_URL to a mirror the box can reach, set "
                  "APPLIANCE_BUILD_HTTPS_PROXY, or import a bundle that carries the Space's "

@@ -10,6 +10,7 @@ import shutil
 import socket
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -305,20 +306,53 @@ def _lock_for(ctx: Context, space_id: str, sha: str, checkout: Path, manifest: M
                     f"'appliance spaces relock {space_id}' resolves them again")
                 return {**earlier, "revision": sha, "created_at": None}
         as_of = sources.commit_time(checkout) if mode == "dated" else None
-        text = packages.resolve(packages.Inputs(roots, files, overrides), python, as_of,
-                                ctx.config, cache, log)
+        asked = packages.Inputs(roots, files, overrides)
+        resolved_at = datetime.now(UTC).isoformat(timespec="seconds")
+        text = None
+        fresh = _recently_resolved(ctx, inputs)
+        if fresh:
+            # The same inputs were resolved against the index moments ago: its pages in uv's
+            # cache are as fresh as the index's own caching allows (PyPI: max-age 600 s).
+            try:
+                text = packages.resolve(asked, python, as_of, ctx.config, cache, log,
+                                        offline=True)
+                resolved_at = fresh
+            except packages.PackagesFailed:
+                log("==> The cached index pages fall short; asking the index")
+        if text is None:
+            text = packages.resolve(asked, python, as_of, ctx.config, cache, log)
     pins = packages.parse_lock(text)
     if files:
-        # The SDK's closure within this lock: what the shared layer holds.
+        # The SDK's closure within this lock: what the shared layer holds. Its index pages
+        # were all fetched by the resolution just made.
         pinned = "".join(f"{p.name}=={p.version}\n" for p in pins if not p.direct)
         closure = packages.resolve(packages.Inputs(roots, (), overrides), python, as_of,
-                                   ctx.config, cache, lambda _line: None, constraints=pinned)
+                                   ctx.config, cache, lambda _line: None, constraints=pinned,
+                                   offline=True)
         sdk_names = sorted({packages.canonical(p.name) for p in packages.parse_lock(closure)})
     else:
         sdk_names = sorted({packages.canonical(p.name) for p in pins})
     return {"space_id": space_id, "revision": sha, "resolution": mode, "as_of": as_of,
             "python": python, "platform": packages.target_platform(), "text": text,
-            "sdk_packages": json.dumps(sdk_names), "inputs": inputs, "created_at": None}
+            "sdk_packages": json.dumps(sdk_names), "inputs": inputs,
+            "resolved_at": resolved_at, "created_at": None}
+
+
+def _recently_resolved(ctx: Context, inputs: str) -> str | None:
+    """When a lock of any Space with these inputs was last resolved against the index, if
+    that is within the index's cache lifetime (else None)."""
+    horizon = time.time() - packages.INDEX_FRESH_SECONDS
+    newest = None
+    for lock in ctx.store.locks():
+        if lock["inputs"] != inputs or not lock["resolved_at"]:
+            continue
+        try:
+            at = datetime.fromisoformat(lock["resolved_at"]).timestamp()
+        except ValueError:
+            continue
+        if at >= horizon and (newest is None or lock["resolved_at"] > newest):
+            newest = lock["resolved_at"]
+    return newest
 
 
 def _lock_words(lock: dict[str, Any]) -> str:
