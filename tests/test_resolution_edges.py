@@ -9,6 +9,7 @@ import re
 
 import pytest
 from click.testing import CliRunner
+from test_web import PASSWORD, csrf_of, logged_in, token_for
 
 from appliance import users
 from appliance.adapters.store import open_store
@@ -22,7 +23,6 @@ from appliance.gpu.nvml import Inventory
 from appliance.web import api
 from appliance.web.app import create_app
 
-PASSWORD = "correct horse battery"
 REVISION = "a" * 40
 AS_OF = "2024-10-01T12:00:00Z"
 HOSTILE_NAME = "<script>alert(1)</script>"
@@ -95,28 +95,6 @@ def ctx(app):
     context = make_context(app.extensions["appliance.config"], "test")
     yield context
     context.store.close()
-
-
-def csrf_of(page: bytes) -> str:
-    found = re.search(rb'name="csrf_token" value="([^"]+)"', page)
-    assert found, "the page has no CSRF field"
-    return found.group(1).decode()
-
-
-def logged_in(app, name: str):
-    client = app.test_client()
-    token = csrf_of(client.get("/login").data)
-    response = client.post("/login", data={"username": name, "password": PASSWORD,
-                                           "csrf_token": token})
-    assert response.status_code == 302
-    return client
-
-
-def token_for(app, user: str, scope: str) -> dict[str, str]:
-    store = open_store(app.config["store_path"])
-    _, token = users.create_token(store, f"{user}-{scope}", user, scope, "test")
-    store.close()
-    return {"Authorization": f"Bearer {token}"}
 
 
 def stored_resolution(app, space_id: str = "alice/public") -> str | None:
