@@ -231,6 +231,53 @@ def test_model_archive_lays_out_a_cache_huggingface_hub_can_read(tmp_path):
         assert (snapshot / name).is_symlink() and (snapshot / name).read_bytes() == data
 
 
+@pytest.mark.parametrize("field, value, says", [
+    ("blob", "../../../../../appliance.db", "bad blob"),
+    ("blob", "/etc/shadow", "bad blob"),
+    ("blob", "a" * 63, "bad blob"),
+    ("blob", ["x"], "bad blob"),
+    ("path", "../../escape.json", "bad path"),
+    ("path", "/abs/config.json", "bad path"),
+    ("path", "a//b.json", "bad path"),
+    ("path", "a\\b.json", "bad path"),
+    ("path", "new\nline.json", "bad path"),
+    ("revision", "../../../refs", "bad revision"),
+    ("revision", "main\n", "bad revision"),
+])
+def test_a_model_entry_naming_anything_outside_the_bundle_is_refused(tmp_path, field, value,
+                                                                     says):
+    """An unsigned bundle's manifest could name the box's database as a model blob, to have it
+    copied into the cache volume offline Spaces mount: every name is checked first."""
+    files = {"config.json": b"{}"}
+    revision = make_hf_cache(tmp_path / "cache", "o/m", files)
+    found = bundles.locate_model(bundles.parse_model_spec("o/m"), tmp_path / "cache")
+    parts = {f"models/models--o--m/blobs/{b}": p.read_bytes() for b, p in found.blobs.items()}
+    model_files = dict(found.files)
+    if field == "blob":
+        model_files["config.json"] = value
+    elif field == "path":
+        model_files[value] = next(iter(found.files.values()))
+    model = {"repo_id": "o/m", "type": "model", "revision": revision, "dir": "models--o--m",
+             "files": model_files,
+             "requested_revision": value if field == "revision" else None}
+    (tmp_path / "appliance.db").write_bytes(b"SQLite format 3\0 the box's secrets")
+    make_bundle(tmp_path / "b.tar", parts, models=[model])
+    staged = bundles.stage_bundle(tmp_path / "b.tar", tmp_path / "stage")
+    with pytest.raises(bundles.BundleError, match=says):
+        bundles.model_archive(staged, tmp_path / "cache.tar")
+    if (tmp_path / "cache.tar").exists():
+        assert b"the box's secrets" not in (tmp_path / "cache.tar").read_bytes()
+
+
+def test_a_part_the_bundle_does_not_hold_is_never_read(tmp_path):
+    make_bundle(tmp_path / "b.tar", PARTS)
+    staged = bundles.stage_bundle(tmp_path / "b.tar", tmp_path / "stage")
+    (tmp_path / "secret").write_text("session key")
+    for name in ("../secret", "models/../../secret", "models/x/none", "manifest.json"):
+        with pytest.raises(bundles.BundleError, match="names a part it does not hold"):
+            staged.part(name)
+
+
 def test_cli_import_of_a_corrupt_bundle_says_which_part_and_changes_nothing(tmp_path):
     config = load_config({}, data_dir=str(tmp_path / "data"),
                          local_sources=str(tmp_path / "data" / "repos"))

@@ -154,7 +154,14 @@ class Staged:
     signed: bool
 
     def part(self, name: str) -> Path:
-        return self.root / name
+        """The staged file of a part the manifest names; refuse a name that is not a part
+        this bundle holds (a manifest's names are never trusted as paths)."""
+        path = self.root / name
+        if not (isinstance(name, str) and _safe_part(name) and path.is_file()
+                and not path.is_symlink() and path.resolve().is_relative_to(self.root.resolve())):
+            raise BundleError(f"The bundle's manifest names a part it does not hold: {name!r}",
+                              hint="this bundle was altered or is not an appliance bundle")
+        return path
 
 
 def stage_bundle(path: Path, staging: Path, key: bytes | None = None,
@@ -908,14 +915,22 @@ def model_archive(staged: Staged, dest: Path) -> list[str]:
             tops.append(top)
             for sub in ("", "/blobs", "/refs", "/snapshots", f"/snapshots/{model['revision']}"):
                 _add_dir(tar, top + sub)
-            for blob in sorted(set(model["files"].values())):
+            files = model.get("files")
+            if not isinstance(files, dict):
+                raise BundleError(f"The bundle describes model {model.get('repo_id')} oddly")
+            for relative, blob in files.items():
+                _check_model_file(model, relative, blob)
+            ref_name = model.get("requested_revision") or "main"
+            if not isinstance(ref_name, str) or not _REF_NAME.fullmatch(ref_name) \
+                    or ".." in ref_name:
+                raise BundleError(f"Model {model.get('repo_id')} names a bad revision "
+                                  f"{str(ref_name)[:80]!r}")
+            for blob in sorted(set(files.values())):
                 tar.add(staged.part(f"models/{model['dir']}/blobs/{blob}"),
                         arcname=f"{top}/blobs/{blob}", filter=_readable)
             made = set()
-            for relative, blob in sorted(model["files"].items()):
+            for relative, blob in sorted(files.items()):
                 parts = relative.split("/")
-                if ".." in parts or relative.startswith("/"):
-                    raise BundleError(f"Model {model['repo_id']} names a bad path {relative!r}")
                 for depth in range(1, len(parts)):
                     folder = "/".join(parts[:depth])
                     if folder not in made:
@@ -926,10 +941,29 @@ def model_archive(staged: Staged, dest: Path) -> list[str]:
                 link.linkname = "../" * (len(parts) + 1) + f"blobs/{blob}"
                 tar.addfile(link)
             ref = (model["revision"]).encode()
-            info = tarfile.TarInfo(f"{top}/refs/{model.get('requested_revision') or 'main'}")
+            info = tarfile.TarInfo(f"{top}/refs/{ref_name}")
             info.size, info.mode = len(ref), 0o644
             tar.addfile(info, io.BytesIO(ref))
     return tops
+
+
+_BLOB_NAME = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # git blob sha1, LFS sha256
+_REF_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
+_PATH_PART = re.compile(r"[^\x00-\x1f\x7f/\\]{1,255}")
+
+
+def _check_model_file(model: dict[str, Any], relative: Any, blob: Any) -> None:
+    """A model file is a relative path of plain names inside its snapshot, and its blob a
+    hash: nothing a manifest says can name a file outside the bundle's own parts."""
+    name = model.get("repo_id")
+    if not isinstance(blob, str) or not _BLOB_NAME.fullmatch(blob):
+        raise BundleError(f"Model {name} names a bad blob {str(blob)[:80]!r} for "
+                          f"{str(relative)[:80]!r}", hint="this bundle was altered")
+    parts = relative.split("/") if isinstance(relative, str) else []
+    if not parts or any(part in (".", "..") or not _PATH_PART.fullmatch(part)
+                        for part in parts):
+        raise BundleError(f"Model {name} names a bad path {str(relative)[:80]!r}",
+                          hint="this bundle was altered")
 
 
 def _add_dir(tar: tarfile.TarFile, name: str) -> None:
