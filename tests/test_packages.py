@@ -360,3 +360,38 @@ def test_a_second_space_asking_the_same_moments_later_resolves_from_the_cached_i
     assert not any("cached moments ago" in line for line in logs["other"][0])
     assert "tqdm" in {p.name for p in packages.parse_lock(logs["other"][1]["text"])}
     ctx.store.close()
+
+
+@pytest.mark.parametrize("sdk, version, files, as_of, breaks", [
+    # gradio 3.50 and 4.44 import HfFolder, which huggingface_hub 1.0 removed.
+    ("gradio", "3.50.2", "", "2023-11-20T12:00:00Z",
+     lambda v: int(v["huggingface-hub"].split(".")[0]) >= 1),
+    ("gradio", "4.44.0", "gradio>=4.0\n", "2024-10-15T12:00:00Z",
+     lambda v: int(v["huggingface-hub"].split(".")[0]) >= 1),
+    # streamlit 1.25 keeps numpy below 2; today's pyarrow is built for numpy 2.
+    ("streamlit", "1.25.0", "pandas\npyarrow\n", "2023-08-01T12:00:00Z",
+     lambda v: v["numpy"].startswith("1.") and int(v["pyarrow"].split(".")[0]) >= 16),
+])
+def test_latest_gives_an_old_space_the_packages_it_breaks_on_and_dated_does_not(
+        tmp_path, sdk, version, files, as_of, breaks):
+    """What each old Space of tests/test_podman_packages.py would get with latest: the
+    combination known to fail at import (the gradio 4.44 one is built and run there)."""
+    config = config_for(tmp_path)
+    roots, overrides = packages.sdk_roots(sdk, version)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    requirement_files = ()
+    if files:
+        (repo / "requirements.txt").write_text(files)
+        requirement_files = (packages.sanitise_requirements(repo / "requirements.txt", repo,
+                                                            tmp_path / "out"),)
+    inputs = packages.Inputs(roots, requirement_files, overrides)
+
+    def versions(when):
+        text = packages.resolve(inputs, "3.11", when, config, tmp_path, lambda _: None)
+        return {p.name: p.version for p in packages.parse_lock(text)}
+
+    latest, dated = versions(None), versions(as_of)
+    assert latest[sdk] == dated[sdk] == version  # the front matter's pin wins either way
+    assert breaks(latest), latest
+    assert not breaks(dated), dated

@@ -138,12 +138,14 @@ def spaces_logs(obj, space_id, build, follow, tail, as_json):
         raise ApplianceClickError(ApplianceError(
             f"Space {space_id} has no running app ({space['stage']})",
             hint=f"see the build log: appliance spaces logs {space_id} --build"))
+    # Secret values are hidden here as on the portal: whole lines, so a secret across
+    # conmon's 8 KiB split of a long line is hidden too.
     if follow:
-        for chunk in ctx.runtime.follow_logs(row["container"]):
-            for line in chunk.splitlines():
-                out(line, "run")
+        for line in spaces.redactor(ctx, space_id).lines(
+                ctx.runtime.follow_logs(row["container"])):
+            out(line, "run")
     else:
-        for line in ctx.runtime.logs(row["container"], tail=tail).splitlines():
+        for line in spaces.app_log(ctx, space_id, tail=tail).splitlines():
             out(line, "run")
 
 

@@ -6,6 +6,7 @@ import functools
 import hashlib
 import json
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -336,6 +337,28 @@ class Redactor:
         for secret in self._secrets:
             text = text.replace(secret, "***")
         return text
+
+    def lines(self, chunks: Iterable[str], longest: int = 1 << 20) -> Iterator[str]:
+        """Yield a chunked stream's lines, each redacted whole.
+
+        A log stream splits long lines (conmon at 8 KiB), so a chunk redacted alone would
+        show a secret that straddles the split. A line longer than `longest` is cut, but
+        what follows a cut keeps the text a secret could start in, so none straddles it.
+        """
+        overlap = max((len(s) for s in self._secrets), default=1) - 1
+        partial = ""
+        for chunk in chunks:
+            *whole, partial = (partial + chunk).split("\n")
+            for line in whole:
+                yield self(line)
+            if len(partial) > longest:
+                shown = self(partial)
+                cut = max(len(shown) - overlap, 0)
+                if cut:
+                    yield shown[:cut]
+                partial = shown[cut:]
+        if partial:
+            yield self(partial)
 
 
 def redact(text: str, secrets: list[str] | tuple[str, ...]) -> str:

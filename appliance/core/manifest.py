@@ -293,7 +293,7 @@ def _build(data: dict[str, Any]) -> Manifest:
     }
     sdk = values["sdk"]
     values.setdefault("app_file", DEFAULT_APP_FILES.get(sdk))
-    warnings = []
+    warnings = _drop_unknown_colors(values)
     if "sdk_version" not in values and sdk in ("gradio", "streamlit"):
         warnings.append(f"sdk_version missing; the newest {sdk} will be installed")
     if "sdk_version" in values and sdk in ("docker", "static"):
@@ -481,6 +481,26 @@ _PARSERS: dict[str, Callable[[Any, str], Any]] = {
     ),
     **dict.fromkeys("suggested_hardware suggested_storage".split(), _text),
 }
+
+
+# The card colours Hugging Face accepts; the portal's stylesheet has one --c-NAME for each.
+CARD_COLORS = ("red", "yellow", "green", "blue", "indigo", "purple", "pink", "gray")
+
+
+def _drop_unknown_colors(values: dict[str, Any]) -> list[str]:
+    """Drop a colorFrom/colorTo outside CARD_COLORS (it would reach a style attribute) and
+    return a warning for each: Spaces ignore a bad card colour, so the Space still builds."""
+    warnings = []
+    for attribute in ("color_from", "color_to"):
+        if attribute not in values:
+            continue
+        given = values.pop(attribute)
+        if given.lower() in CARD_COLORS:
+            values[attribute] = given.lower()
+        else:
+            warnings.append(f"{_HF_NAMES[attribute]} {_show(given)} is not a card colour and "
+                            f"is ignored (use one of: {', '.join(CARD_COLORS)})")
+    return warnings
 
 
 def _plain(value: Any, key: str) -> Any:

@@ -8,13 +8,14 @@ of `base`.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from flask import Flask, jsonify, render_template, request
+from flask import Flask, current_app, jsonify, render_template, request
 from flask.sessions import SecureCookieSessionInterface
 
 from ..adapters.runtime import Runtime
@@ -91,9 +92,43 @@ def create_app(config: Config | None = None, context_factory: Callable[..., Any]
     app.context_processor(lambda: {"caller": caller(), "csrf_token": csrf_token,
                                    "config": config})
 
+    app.after_request(_add_content_security_policy)
+
     for module in (pages, api, hf, gpus, proxy):
         module.register(app)
     return app
+
+
+# The portal's own pages load nothing from elsewhere; they only frame the Spaces' apps. The
+# proxy wraps Flask, so the apps' responses (with their own frame-ancestors) never get this.
+PORTAL_CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+              "script-src 'self'; frame-src {frames}; frame-ancestors 'self'; "
+              "base-uri 'none'; form-action 'self'")
+_HOST = re.compile(r"[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]")
+
+
+def _add_content_security_policy(response):
+    config = current_app.extensions["appliance.config"]
+    if config.portal_apps_port and request.environ.get("SERVER_PORT") == str(
+            config.portal_apps_port):
+        return response  # the apps' origin: the offline files Spaces load, not the portal
+    response.headers.setdefault("Content-Security-Policy",
+                                PORTAL_CSP.format(frames=_app_frames(request.environ, config)))
+    return response
+
+
+def _app_frames(environ: dict[str, Any], config: Config) -> str:
+    """The origins proxy.apps_url gives the Space page's iframe (and nothing else)."""
+    if not config.portal_apps_port:
+        return "'self'"
+    scheme, port = environ.get("wsgi.url_scheme", "http"), config.portal_apps_port
+    hostname = proxy._hostname(environ)  # exactly the host proxy.apps_url uses
+    # A Host header that is not a host name must not write directives into the header.
+    frames = [f"{scheme}://{hostname}:{port}"] if _HOST.fullmatch(hostname) else []
+    domain = config.portal_apps_domain
+    if domain and _HOST.fullmatch(domain):
+        frames.append(f"{scheme}://*.{domain}:{port}")
+    return " ".join(frames) or "'none'"
 
 
 def _render_error(exc: ApplianceError):

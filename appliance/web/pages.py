@@ -225,8 +225,8 @@ def run_log_lines(space_id: str, follow: bool = True) -> Iterator[str]:
         if not follow:
             yield from spaces.app_log(ctx, space_id, tail=LOG_TAIL).splitlines()
             return
-        for chunk in ctx.runtime.follow_logs(row["container"], tail=LOG_TAIL):
-            yield from redact(chunk).splitlines()
+        for line in redact.lines(ctx.runtime.follow_logs(row["container"], tail=LOG_TAIL)):
+            yield from line.splitlines() or [line]
     except ApplianceError as exc:
         yield f"(log unavailable: {exc.message})"
 
