@@ -229,15 +229,22 @@ def test_static_space_installs_nothing_and_serves_its_index_on_7860(tmp_path):
                           "--index", "site/home.html", "--port", "7860"]
 
 
+@pytest.mark.parametrize("sdk, index", [("static", 5), ("gradio", 1), ("streamlit", 2)])
 @pytest.mark.parametrize("app_file", ['x".html', "a\\b.html", "$HOME.html", "é ü.html",
-                                      "x\nRUN touch /pwned"])
-def test_a_hostile_app_file_stays_one_argument_of_an_exec_form_cmd(tmp_path, app_file):
+                                      "x\nRUN touch /pwned", "`id`.py", "a'; rm -rf /"])
+def test_a_hostile_app_file_stays_one_argument_of_an_exec_form_cmd(tmp_path, app_file, sdk,
+                                                                    index):
+    """The front matter's fields reach a Containerfile only as serialised JSON (app_file in
+    CMD); the SDK version and Python version reach it through the lock and the base image's
+    tag, never as text."""
     plan = space_image_plan(
         "alice/demo", REVISION, checkout(tmp_path, {"index.html": ""}),
-        Manifest(sdk="static", app_file=app_file), SDK_IMAGE, {}, {}, config())
+        Manifest(sdk=sdk, sdk_version='5.9.1"\nRUN touch /pwned', app_file=app_file),
+        SDK_IMAGE, {}, {}, config(), locked(tmp_path, [], []))
     lines = containerfile_lines(plan)
-    assert cmd(lines)[5] == app_file  # JSON, so Podman runs it in exec form, no shell
+    assert cmd(lines)[index] == app_file  # JSON, so Podman runs it in exec form, no shell
     assert not any(line.startswith("RUN touch") for line in lines)
+    assert "/pwned" not in "\n".join(lines[:-2])
 
 
 def test_docker_space_builds_its_dockerfile_with_variables_as_args_and_secrets_apart(tmp_path):
