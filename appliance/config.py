@@ -76,8 +76,10 @@ SETTINGS: tuple[Setting, ...] = (
             "$HF_HUB_CACHE or ~/.cache/huggingface/hub."),
     Setting("bundle_verify_key", "",
             "Shared key file: `bundle import` requires bundles signed with it (empty: a "
-            "signature is checked only with --verify)."),
-    Setting("bundle_require_signature", False, "Refuse unsigned bundles.", bool),
+            "signature is checked only with --verify; without either, only --allow-unsigned "
+            "imports)."),
+    Setting("bundle_require_signature", False,
+            "Refuse unsigned bundles, even with --allow-unsigned.", bool),
     Setting("base_image", "", "Python base image; empty means the locally built appliance-python."),
     Setting(
         "build_ca_bundle",

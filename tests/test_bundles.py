@@ -286,7 +286,8 @@ def test_cli_import_of_a_corrupt_bundle_says_which_part_and_changes_nothing(tmp_
     data = bytearray((tmp_path / "b.tar").read_bytes())
     data[data.index(b"weights") + 3] ^= 1
     (tmp_path / "b.tar").write_bytes(bytes(data))
-    result = CliRunner().invoke(bundle_group, ["import", str(tmp_path / "b.tar")],
+    result = CliRunner().invoke(bundle_group, ["import", str(tmp_path / "b.tar"),
+                                               "--allow-unsigned"],
                                 obj={"ctx": ctx})
     assert result.exit_code == 1
     assert "Part models/models--o--m/blobs/abc" in result.output and "corrupt" in result.output
@@ -294,6 +295,24 @@ def test_cli_import_of_a_corrupt_bundle_says_which_part_and_changes_nothing(tmp_
     assert ctx.store.list_spaces() == []
     assert list((tmp_path / "data" / "bundles").iterdir()) == []  # staging cleaned up
     assert not (tmp_path / "data" / "repos").exists()
+
+
+def test_a_bundle_whose_signature_cannot_be_checked_is_refused_unless_allowed(tmp_path):
+    config = load_config({}, data_dir=str(tmp_path / "data"),
+                         local_sources=str(tmp_path / "data" / "repos"))
+    ctx = spaces.open_context(config, actor="test")
+    make_bundle(tmp_path / "b.tar", PARTS)
+    result = CliRunner().invoke(bundle_group, ["import", str(tmp_path / "b.tar")],
+                                obj={"ctx": ctx})
+    assert result.exit_code == 1
+    assert "its signature cannot be checked without the key" in result.output
+    assert "--verify KEYFILE" in result.output and "--allow-unsigned" in result.output
+    assert not (tmp_path / "data" / "bundles").exists()  # refused before reading it
+    strict = spaces.Context(config.with_values(bundle_require_signature=True), ctx.store,
+                            ctx.runtime, "test")
+    with pytest.raises(bundles.BundleError, match="REQUIRE_SIGNATURE is on"):
+        bundles.import_bundle(strict, tmp_path / "b.tar", allow_unsigned=True)
+    assert ctx.store.list_spaces() == []
 
 
 def test_cli_show_prints_the_manifest(tmp_path):
@@ -517,7 +536,7 @@ def test_hostile_package_file_entries_are_refused_naming_the_entry(tmp_path, fil
                 spaces_=[space_entry([{"filename": SHARED, "sha256": GOOD_SHA, "size": 1},
                                       {"filename": filename, "sha256": digest, "size": 1}])])
     with pytest.raises(bundles.BundleError) as caught:
-        bundles.import_bundle(ctx, tmp_path / "b.tar")
+        bundles.import_bundle(ctx, tmp_path / "b.tar", allow_unsigned=True)
     # Names are shown as repr(), a long one cut short.
     assert caught.value.message == (f"Package file 2 of team/a ({bundles._shown(filename)}, "
                                     f"sha256 {digest!r}) {expected}"
@@ -540,7 +559,7 @@ def test_a_package_entry_whose_part_has_other_content_is_refused(tmp_path):
     make_bundle(tmp_path / "b.tar", {bundles.package_part(GOOD_SHA, SHARED): evil},
                 spaces_=[space_entry([{"filename": SHARED, "sha256": GOOD_SHA, "size": 1}])])
     with pytest.raises(bundles.BundleError) as caught:
-        bundles.import_bundle(ctx, tmp_path / "b.tar")
+        bundles.import_bundle(ctx, tmp_path / "b.tar", allow_unsigned=True)
     assert caught.value.message == (
         f"Package file 1 of team/a ({SHARED!r}, sha256 {GOOD_SHA!r}) does not match its "
         f"content: the part hashes to {sha(evil)[:16]}…")
@@ -561,7 +580,7 @@ def test_package_members_that_are_links_or_escape_are_refused(tmp_path, kind):
             info.size = len(GOOD)
             tar.addfile(info, io.BytesIO(GOOD))
     with pytest.raises(bundles.BundleError) as caught:
-        bundles.import_bundle(ctx, path)
+        bundles.import_bundle(ctx, path, allow_unsigned=True)
     expected = "which is not a plain file" if kind == "symlink" else "refused name"
     assert expected in caught.value.message and f"packages/{GOOD_SHA}/" in caught.value.message
     assert_nothing_written(ctx, tmp_path)
@@ -584,7 +603,7 @@ def test_bad_package_locks_are_refused_naming_the_lock(tmp_path, change, expecte
                 spaces_=[space_entry([{"filename": SHARED, "sha256": GOOD_SHA, "size": 1}],
                                      [lock])])
     with pytest.raises(bundles.BundleError) as caught:
-        bundles.import_bundle(ctx, tmp_path / "b.tar")
+        bundles.import_bundle(ctx, tmp_path / "b.tar", allow_unsigned=True)
     assert caught.value.message.startswith("Package lock 1 of team/a (revision ")
     assert expected in caught.value.message
     assert_nothing_written(ctx, tmp_path)

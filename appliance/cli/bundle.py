@@ -60,16 +60,22 @@ def bundle_export(obj, space_ids, output, models, hub_cache, sign_key, with_appl
 @click.argument("bundle", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--verify", "verify_key", type=click.Path(dir_okay=False, path_type=Path),
               help="Require a signature made with this shared key file.")
+@click.option("--allow-unsigned", is_flag=True,
+              help="Import a bundle whose signature is not checked (its source is trusted).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 @handles_errors
-def bundle_import(obj, bundle, verify_key, as_json):
+def bundle_import(obj, bundle, verify_key, allow_unsigned, as_json):
     """Check a bundle whole, then install its images and models and add or update its Spaces.
+
+    A bundle is imported when its signature checks out with the key (--verify or
+    APPLIANCE_BUNDLE_VERIFY_KEY), or with --allow-unsigned.
 
     Example: appliance bundle import spaces.bundle --verify key.txt
     """
     key = bundles.read_key(verify_key) if verify_key else None
-    result = bundles.import_bundle(context_of(obj), bundle, key=key, log=_progress)
+    result = bundles.import_bundle(context_of(obj), bundle, key=key, log=_progress,
+                                   allow_unsigned=allow_unsigned)
 
     def text(r: dict) -> str:
         lines = [f"Imported {bundle} in {r['seconds']} s"

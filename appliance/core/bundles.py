@@ -654,15 +654,26 @@ def repos_dir(config) -> Path:
     return config.imported_repos_path
 
 
-def import_bundle(ctx, path: Path, key: bytes | None = None, log: Log = _quiet
-                  ) -> dict[str, Any]:
+def import_bundle(ctx, path: Path, key: bytes | None = None, log: Log = _quiet,
+                  allow_unsigned: bool = False) -> dict[str, Any]:
     """Check a bundle whole, then load its images, install its models and add or update its
-    Spaces (started from the bundled images, offline). A bad bundle changes nothing."""
+    Spaces (started from the bundled images, offline). A bad bundle changes nothing.
+
+    A bundle's signature is checked with key (or APPLIANCE_BUNDLE_VERIFY_KEY); one that
+    cannot be checked is imported only when allow_unsigned says its source is trusted.
+    """
     started = time.monotonic()
     config = ctx.config
     require = bool(getattr(config, "bundle_require_signature", False))
     if key is None and getattr(config, "bundle_verify_key", ""):
         key = read_key(config.bundle_verify_key)
+    if key is None and (require or not allow_unsigned):
+        raise BundleError(
+            f"Not importing {path}: its signature cannot be checked without the key it was "
+            "signed with",
+            hint="pass --verify KEYFILE (or set APPLIANCE_BUNDLE_VERIFY_KEY); for a bundle "
+            "whose source you trust, --allow-unsigned imports it unchecked"
+            + (" (refused here: APPLIANCE_BUNDLE_REQUIRE_SIGNATURE is on)" if require else ""))
     bundles_dir = config.data_path / "bundles"
     bundles_dir.mkdir(parents=True, exist_ok=True)
     staging = bundles_dir / f".staging-{pysecrets.token_hex(6)}"
