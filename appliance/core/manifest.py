@@ -34,9 +34,10 @@ _SDK_VERSION = re.compile(
 )
 _PYTHON_VERSION = re.compile(r"[0-9]+(?:\.[0-9]+){0,2}")
 _DURATION = re.compile(r"(?:([0-9]{1,6})h)?(?:([0-9]{1,6})m)?(?:([0-9]{1,9})s)?", re.IGNORECASE)
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_BASE_PATH = re.compile(r"/[^\s\x00-\x1f\x7f]*")
-_OPENING_FENCE = re.compile(r"\ufeff?\s*---[ \t]*(?:[\r\n]|$)")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]++")
+_BASE_PATH = re.compile(r"/[^\s\x00-\x1f\x7f]*+")
+# Anchored and possessive, like every pattern here that sees a README: none may backtrack.
+_OPENING_FENCE = re.compile(r"\ufeff?\s*+---[ \t]*+(?:[\r\n]|$)")
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 # Limits on unknown keys' values, so YAML alias bombs cannot blow up to_dict().
@@ -162,11 +163,18 @@ def load_manifest(checkout: Path) -> Manifest:
         )
     try:
         with target.open("rb") as handle:
-            data = handle.read(_README_LIMIT)
+            data = handle.read(_README_LIMIT + 1)
     except OSError as exc:
         raise _config_error(f"Cannot read README.md: {exc.strerror or exc}") from None
     # "replace" because the read limit may cut a character in two, far below the front matter.
-    manifest = parse_manifest(data.decode("utf-8-sig", errors="replace"))
+    text = data[:_README_LIMIT].decode("utf-8-sig", errors="replace")
+    if len(data) > _README_LIMIT and _OPENING_FENCE.match(text) and not _locate_front_matter(text):
+        raise _config_error(
+            f"README.md front matter is too large: it does not end within the first "
+            f"{_README_LIMIT // 2**20} MiB of the file",
+            "Keep the YAML block at the top of README.md short and end it with a '---' line",
+        )
+    manifest = parse_manifest(text)
     check_app_file(checkout, manifest)
     return manifest
 

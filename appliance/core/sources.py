@@ -22,17 +22,26 @@ _ID_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 _VERIFY = ("rev-parse", "--verify", "--quiet")  # the revision was vetted: no leading "-"
 _FULL_SHA = re.compile(r"[0-9a-fA-F]{40}")
 _SHORT_SHA = re.compile(r"[0-9a-fA-F]{4,39}")
-_HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
-_USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+# Every pattern here sees user input, so none may backtrack (issue 11: one quadratic search
+# froze the portal): each is anchored (match/fullmatch) or a set of fixed-length
+# alternatives, and a run is possessive (*+) where the character after it cannot be in it.
+_HOST = re.compile(r"[A-Za-z0-9](?:[.-]*+[A-Za-z0-9])*+")
+_USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*+")
 _SCP = re.compile(
-    r"(?:(?P<user>[A-Za-z0-9_][A-Za-z0-9._-]*)@)?(?P<host>[A-Za-z0-9][A-Za-z0-9.-]*)"
-    r":(?P<path>[^-].*)"
+    r"(?:(?P<user>[A-Za-z0-9_][A-Za-z0-9._-]*+)@)?(?P<host>[A-Za-z0-9][A-Za-z0-9.-]*+)"
+    r":(?P<path>[^-].*+)"
 )
-_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
-_HELPER = re.compile(r"[A-Za-z0-9][A-Za-z0-9+.-]*::")
+_URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*+)://")
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*+):")
+_HELPER = re.compile(r"[A-Za-z0-9][A-Za-z0-9+.-]*+::")
+_SCHEME_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+.-"
 # Roughly `git check-ref-format`: what git could read as an option, a range or a reflog.
 _BAD_REV = re.compile(r"^[-/.]|[/.]$|^@$|\.\.|@\{|//|/\.|\.lock(?:/|$)|[\s~^:?*\[\\\x00-\x1f\x7f]")
-_CREDENTIALS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/\s]*@")
+# Lengths are checked before any pattern runs. A source fits a path (PATH_MAX) or any URL a
+# git host hands out; a revision is git's own limit on a ref name's component.
+MAX_SOURCE_LENGTH = 4096
+MAX_REVISION_LENGTH = 255
+MAX_SPACE_ID_LENGTH = 96 + 1 + 96
 _LFS_MAGIC = b"version https://git-lfs.github.com/spec/v1"
 _HF_HOSTS = {"huggingface.co", "www.huggingface.co", "hf.co"}
 # Variables that would point git at some other repository than the one it is cloning.
@@ -62,7 +71,7 @@ _FAILURES = {  # kind: (pattern, headline naming the source, hint)
         "install its CA on this machine or set GIT_SSL_CAINFO",
     ),
     "revision": (
-        r"remote branch .* not found|couldn't find remote ref|not our ref|unadvertised object"
+        r"remote branch \S+ not found|couldn't find remote ref|not our ref|unadvertised object"
         r"|unknown revision|did not match any|needed a single rev|reference is not a tree",
         "Revision {revision!r} not found in {display}",
         "give a branch, tag or commit sha that exists there",
@@ -99,6 +108,12 @@ class Source:
 
 def validate_space_id(space_id: str) -> str:
     """Check that a Space id is 'owner/name' in the allowed characters; return it."""
+    if isinstance(space_id, str) and len(space_id) > MAX_SPACE_ID_LENGTH:
+        raise InvalidInput(
+            f"Invalid Space id: {len(space_id)} characters long, over the "
+            f"{MAX_SPACE_ID_LENGTH}-character limit",
+            hint="use owner/name, each up to 96 letters, digits, '.', '_' or '-'",
+        )
     parts = space_id.split("/") if isinstance(space_id, str) else []
     if len(parts) != 2 or ".." in space_id or not all(_ID_PART.fullmatch(p) for p in parts):
         raise InvalidInput(
@@ -112,7 +127,13 @@ def validate_revision(revision: str | None) -> str | None:
     """Refuse a branch, tag or commit name git could misread; return it (None for none)."""
     if revision is None or revision == "":
         return None
-    if not isinstance(revision, str) or len(revision) > 255 or _BAD_REV.search(revision):
+    if isinstance(revision, str) and len(revision) > MAX_REVISION_LENGTH:
+        raise InvalidInput(
+            f"Invalid revision: {len(revision)} characters long, over the "
+            f"{MAX_REVISION_LENGTH}-character limit",
+            hint="give a branch, tag or commit sha",
+        )
+    if not isinstance(revision, str) or _BAD_REV.search(revision):
         raise InvalidInput(
             f"Invalid revision {revision!r}",
             hint="give a branch, tag or commit sha: no spaces, '..', ':', '~', '^', '@{' "
@@ -123,6 +144,14 @@ def validate_revision(revision: str | None) -> str | None:
 
 def parse_source(text: str, config) -> Source:
     """Vet a user-typed Space source and say how git should fetch it."""
+    if not isinstance(text, str | None):
+        raise InvalidInput(f"A Space source must be text, got {type(text).__name__}", hint=_FORMS)
+    if text and len(text) > MAX_SOURCE_LENGTH:
+        raise InvalidInput(
+            f"Source is {len(text)} characters long, over the {MAX_SOURCE_LENGTH}-character "
+            "limit",
+            hint=_FORMS,
+        )
     text = (text or "").strip()
     shown = _redact(text)
     if not text:
@@ -144,7 +173,7 @@ def parse_source(text: str, config) -> Source:
         return _local_source(_file_url_path(text), config)
     if any(c.isspace() for c in text):
         raise SourceError(f"Source URL {shown!r} contains whitespace", hint=_FORMS)
-    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", text)
+    scheme = _URL_SCHEME.match(text)
     if scheme:
         name = scheme.group(1).lower()
         if name not in ("hf", "https", "http", "ssh", "git"):
@@ -266,7 +295,22 @@ def _default_id(segments: list[str], host: str) -> str:
 
 
 def _redact(text: str) -> str:
-    return _CREDENTIALS.sub(r"\1", text)
+    """Drop the user:password@ after each scheme:// (up to the first '/' or whitespace).
+
+    Plain string scans rather than a regex search: a search for the scheme restarts at every
+    letter of a long run without '://', which is quadratic (issue 11)."""
+    pieces = text.split("://")
+    for i in range(1, len(pieces)):
+        before = pieces[i - 1]
+        run = before[len(before.rstrip(_SCHEME_CHARS)) :]
+        if not any(c.isalpha() for c in run):  # a scheme starts with a letter
+            continue
+        piece = pieces[i]
+        end = next((j for j, c in enumerate(piece) if c == "/" or c.isspace()), len(piece))
+        at = piece.rfind("@", 0, end)
+        if at >= 0:
+            pieces[i] = piece[at + 1 :]
+    return "://".join(pieces)
 
 
 class _GitFailed(Exception):

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from flask import (
     Blueprint,
@@ -384,9 +385,29 @@ def system():
 
 def _safe_next(target: str | None) -> str:
     """Follow ?next= only within the portal (no //host or scheme: no open redirect)."""
-    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
+    if _is_portal_path(target):
         return target
     return url_for("pages.home")
+
+
+def _is_portal_path(target: str | None) -> bool:
+    # Browsers drop tabs and newlines from a URL and read '\\' as '/', so '/\t/evil.example'
+    # and '/\\evil.example' lead off the portal (issue 11): refuse them anywhere, as written
+    # and once percent-decoded, along with anything that urlsplit reads a host or scheme in.
+    if not isinstance(target, str) or len(target) > 2048:
+        return False
+    for text in (target, unquote(target)):
+        if any(c == "\\" or ord(c) < 32 or ord(c) == 127 for c in text):
+            return False
+        if not text.startswith("/") or text.startswith("//"):
+            return False
+        try:
+            parts = urlsplit(text)
+        except ValueError:
+            return False
+        if parts.scheme or parts.netloc:
+            return False
+    return True
 
 
 @bp.route("/login", methods=["GET", "POST"])
