@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -309,6 +310,64 @@ def test_parse_local_refuses_dotdot_escape(repo, tmp_path):
     cfg = load_config({}, local_sources=str(allowed), data_dir=str(tmp_path / "d"))
     with pytest.raises(SourceError, match="is outside the allowed directories"):
         parse_source(f"{allowed}/../remote/my-space", cfg)
+
+
+def _allowed_and_outside(repo, tmp_path):
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    cfg = load_config({}, local_sources=str(allowed), data_dir=str(tmp_path / "d"))
+    return allowed, cfg
+
+
+def test_a_git_file_pointing_at_another_repository_is_refused(repo, tmp_path):
+    """A member cannot check out another repository on the box through a .git file
+    (gitdir: elsewhere), as a worktree or submodule has."""
+    allowed, cfg = _allowed_and_outside(repo, tmp_path)
+    sneaky = allowed / "sneaky"
+    sneaky.mkdir()
+    (sneaky / ".git").write_text(f"gitdir: {repo / '.git'}\n")
+    with pytest.raises(SourceError) as caught:
+        parse_source(str(sneaky), cfg)
+    assert "keeps its repository elsewhere (.git is a file or a link" in caught.value.message
+    (sneaky / ".git").unlink()
+    (sneaky / ".git").symlink_to(repo / ".git")
+    with pytest.raises(SourceError, match="keeps its repository elsewhere"):
+        parse_source(str(sneaky), cfg)
+
+
+@pytest.mark.parametrize("how", ["alternates", "objects link", "commondir"])
+def test_a_repository_reading_objects_from_outside_is_refused(repo, tmp_path, how):
+    allowed, cfg = _allowed_and_outside(repo, tmp_path)
+    inside = allowed / "inside"
+    git(tmp_path, "init", "-q", str(inside))
+    git_dir = inside / ".git"
+    if how == "alternates":
+        (git_dir / "objects" / "info").mkdir(parents=True, exist_ok=True)
+        (git_dir / "objects" / "info" / "alternates").write_text(f"{repo / '.git' / 'objects'}\n")
+    elif how == "objects link":
+        shutil.rmtree(git_dir / "objects")
+        (git_dir / "objects").symlink_to(repo / ".git" / "objects")
+    else:
+        (git_dir / "commondir").write_text(str(repo / ".git") + "\n")
+    with pytest.raises(SourceError) as caught:
+        parse_source(str(inside), cfg)
+    assert "reads git objects from" in caught.value.message
+    assert "outside the allowed directories" in caught.value.message
+    assert "repack -a -d" in caught.value.hint
+    # fetch re-vets, so a repository changed after it was added is refused there too
+    with pytest.raises(SourceError, match="reads git objects from"):
+        fetch(Source("local", str(inside), "inside", "local/inside"), tmp_path / "out", None,
+              cfg)
+
+
+def test_alternates_inside_the_allowed_directories_are_fine(repo, tmp_path):
+    allowed, cfg = _allowed_and_outside(repo, tmp_path)
+    original = allowed / "original"
+    git(tmp_path, "clone", "-q", str(repo), str(original))
+    shared = allowed / "shared"
+    git(tmp_path, "clone", "-q", "--shared", str(original), str(shared))
+    assert (shared / ".git" / "objects" / "info" / "alternates").exists()
+    assert parse_source(str(shared), cfg).kind == "local"
 
 
 def test_parse_local_refuses_missing_and_non_repository_directories(tmp_path, cfg):

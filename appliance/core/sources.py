@@ -275,12 +275,46 @@ def _vet_local(path_text: str, config) -> Path:
     if not resolved.is_dir():
         raise SourceError(f"Local source {resolved} is not a directory", hint=_FORMS)
     bare = (resolved / "HEAD").is_file() and (resolved / "objects").is_dir()
-    if not (resolved / ".git").exists() and not bare:
+    dot_git = resolved / ".git"
+    if not (dot_git.exists() or dot_git.is_symlink()) and not bare:
         raise SourceError(
             f"Local source {resolved} is not a git repository",
             hint="run 'git init' there and commit the Space's files",
         )
+    if not bare and (dot_git.is_symlink() or not dot_git.is_dir()):
+        raise SourceError(
+            f"Local source {resolved} keeps its repository elsewhere (.git is a file or a "
+            "link, as in a worktree or a submodule)",
+            hint=f"clone it into an allowed directory: git clone --no-local {resolved} DEST",
+        )
+    _vet_followed(resolved if bare else dot_git, resolved, roots)
     return resolved
+
+
+def _vet_followed(git_dir: Path, shown: Path, roots: list[Path]) -> None:
+    """Refuse a repository whose objects git would read from outside the allowed roots: a
+    linked objects folder, a worktree's commondir, or objects/info/alternates."""
+    followed = [("its objects folder", git_dir / "objects")]
+    for name, base in (("commondir", git_dir), ("objects/info/alternates", git_dir / "objects")):
+        path = git_dir / name
+        if name == "objects/info/alternates":
+            path = git_dir / "objects" / "info" / "alternates"
+        if path.is_symlink() or path.exists():
+            try:
+                lines = path.read_text(errors="replace").splitlines()[:100]
+            except OSError:
+                lines = []
+            followed += [(name, base / line.strip()) for line in lines
+                         if line.strip() and not line.startswith("#")]
+    for what, target in followed:
+        real = target.resolve()
+        if not any(real.is_relative_to(root) for root in roots):
+            raise SourceError(
+                f"Local source {shown} reads git objects from {real} ({what}), outside the "
+                "allowed directories",
+                hint=f"make it self-contained: git -C {shown} repack -a -d, then remove "
+                "objects/info/alternates (or clone it with --no-local)",
+            )
 
 
 def _id_part(text: str) -> str:
