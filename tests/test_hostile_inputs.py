@@ -1,26 +1,22 @@
 """Hostile input from issue 11: oversized values are refused before any pattern runs, the
-patterns that see user input run in linear time, and ?next= never leads off the portal.
+patterns that see user input run in linear time, and ?next= never leads off the app.
 
 Timings here are liveness bounds, not benchmarks: each states the figure expected on any
 machine and asserts ten times it, so only a quadratic (or worse) path can fail them."""
 
+# ruff: noqa: F811 - tests take the app fixture imported from test_web as their argument
 from __future__ import annotations
 
 import re
 import time
 
 import pytest
-from test_web import PASSWORD, NoPodman, csrf_of, token_for
+from test_web import PASSWORD, app, csrf_of, token_for  # noqa: F401 - the app fixture
 
-from appliance import users
-from appliance.adapters.store import open_store
 from appliance.config import load_config
 from appliance.core import manifest, sources
 from appliance.core.manifest import load_manifest
-from appliance.core.spaces import Context
 from appliance.errors import InvalidInput, ManifestError, SourceError
-from appliance.gpu.nvml import Inventory
-from appliance.web.app import create_app
 
 HUGE = 200_000
 # Shapes that made a backtracking pattern quadratic: long runs of the characters a pattern's
@@ -38,30 +34,13 @@ HOSTILE_TEXTS = [
 ]
 
 
-@pytest.fixture
-def portal(tmp_path):
-    config = load_config({}, data_dir=str(tmp_path / "data"), port_range="18000-18099")
-
-    def context(cfg, actor):
-        return Context(cfg, open_store(cfg.db_path), NoPodman(), actor,
-                       read_inventory=lambda: Inventory(available=False, reason="no GPU"))
-
-    app = create_app(config, context_factory=context)
-    store = open_store(config.db_path)
-    users.add_user(store, "admin", "admin", PASSWORD, "test")
-    users.add_user(store, "mia", "member", PASSWORD, "test")
-    store.close()
-    app.config["store_path"] = config.db_path
-    return app
-
-
 # -- oversized values -------------------------------------------------------------------------
 
 
-def test_huge_source_is_refused_by_the_api_quickly_naming_the_limit(portal):
+def test_huge_source_is_refused_by_the_api_quickly_naming_the_limit(app):
     started = time.monotonic()
-    response = portal.test_client().post("/api/v1/spaces", json={"source": "a" * HUGE},
-                                         headers=token_for(portal, "mia", "write"))
+    response = app.test_client().post("/api/v1/spaces", json={"source": "a" * HUGE},
+                                         headers=token_for(app, "mia", "write"))
     elapsed = time.monotonic() - started
     assert response.status_code == 400
     assert response.json["error"] == (
@@ -103,8 +82,8 @@ def test_huge_revision_and_space_id_are_refused_naming_the_limit():
     assert sources.validate_space_id("a" * 96 + "/" + "b" * 96) == "a" * 96 + "/" + "b" * 96
 
 
-def test_huge_revision_and_name_are_refused_by_the_api(portal):
-    client, headers = portal.test_client(), token_for(portal, "mia", "write")
+def test_huge_revision_and_name_are_refused_by_the_api(app):
+    client, headers = app.test_client(), token_for(app, "mia", "write")
     for field, message in (("revision", "Invalid revision: 100000 characters long"),
                            ("name", "Invalid Space id: 100000 characters long")):
         response = client.post("/api/v1/spaces", headers=headers,
@@ -180,8 +159,8 @@ def test_every_pattern_runs_in_linear_time_on_hostile_text(module):
 # -- ?next= after login -----------------------------------------------------------------------
 
 
-def post_login(portal, next_value: str, in_query: bool = False):
-    client = portal.test_client()
+def post_login(app, next_value: str, in_query: bool = False):
+    client = app.test_client()
     form = {"username": "admin", "password": PASSWORD,
             "csrf_token": csrf_of(client.get("/login").data)}
     if in_query:
@@ -210,22 +189,22 @@ HOSTILE_NEXT = [
 
 @pytest.mark.parametrize("next_value", HOSTILE_NEXT)
 @pytest.mark.parametrize("in_query", [False, True], ids=["form", "query"])
-def test_login_never_follows_next_off_the_portal(portal, next_value, in_query):
-    response = post_login(portal, next_value, in_query)
+def test_login_never_follows_next_off_the_portal(app, next_value, in_query):
+    response = post_login(app, next_value, in_query)
     assert response.status_code == 302
     assert response.location == "/"
     assert "Set-Cookie:x" not in str(response.headers)
 
 
-def test_login_keeps_a_next_within_the_portal(portal):
-    response = post_login(portal, "/spaces/alice/x?tab=logs")
+def test_login_keeps_a_next_within_the_portal(app):
+    response = post_login(app, "/spaces/alice/x?tab=logs")
     assert response.status_code == 302 and response.location == "/spaces/alice/x?tab=logs"
-    response = post_login(portal, "/spaces/alice/x?tab=logs", in_query=True)
+    response = post_login(app, "/spaces/alice/x?tab=logs", in_query=True)
     assert response.status_code == 302 and response.location == "/spaces/alice/x?tab=logs"
 
 
 @pytest.mark.parametrize("next_value", ["/\n/evil.example", "/%0d%0aSet-Cookie:x=y"])
-def test_login_page_with_a_hostile_next_renders_with_home_as_next(portal, next_value):
-    response = portal.test_client().get("/login", query_string={"next": next_value})
+def test_login_page_with_a_hostile_next_renders_with_home_as_next(app, next_value):
+    response = app.test_client().get("/login", query_string={"next": next_value})
     assert response.status_code == 200
     assert b'name="next" value="/"' in response.data
