@@ -395,3 +395,65 @@ def test_latest_gives_an_old_space_the_packages_it_breaks_on_and_dated_does_not(
     assert latest[sdk] == dated[sdk] == version  # the front matter's pin wins either way
     assert breaks(latest), latest
     assert not breaks(dated), dated
+
+
+def test_two_builds_fetching_the_same_files_at_once_leave_one_good_copy(tmp_path, file_server):
+    """Two workers building Spaces with the same lock fetch into the one cache together."""
+    import threading
+
+    config = config_for(tmp_path, build_ca_bundle="")
+    pins = [pin_for(file_server, f"twice{i}-1.0-py3-none-any.whl", os.urandom(200_000))
+            for i in range(6)]
+    results, errors = [], []
+
+    def build():
+        try:
+            results.append(packages.fetch(pins, tmp_path / "cache", config, lambda _: None))
+        except Exception as exc:  # noqa: BLE001 - reported by the assert below
+            errors.append(exc)
+
+    workers = [threading.Thread(target=build) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert errors == [] and len(results) == 2 and results[0] == results[1]
+    for pin in pins:
+        assert hashlib.sha256(results[0][pin.filename].read_bytes()).hexdigest() == pin.sha256
+    assert not list((tmp_path / "cache").rglob("*.part"))
+    assert len(list(packages.wheelhouse(tmp_path / "cache").glob("*/*/*"))) == len(pins)
+
+
+def test_without_uv_a_build_says_how_to_get_it(monkeypatch):
+    import uv
+
+    monkeypatch.setattr(uv, "find_uv_bin", lambda: (_ for _ in ()).throw(FileNotFoundError()))
+    monkeypatch.setattr(packages.shutil, "which", lambda name: None)
+    with pytest.raises(BuildFailed) as caught:
+        packages.uv_binary()
+    assert caught.value.message == "uv is not installed in the appliance's environment"
+    assert "scripts/setup.sh" in caught.value.hint
+
+
+def test_a_checkout_without_git_history_cannot_be_dated_and_says_what_to_do(tmp_path):
+    from appliance.core import sources
+    from appliance.errors import SourceError
+
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(SourceError) as caught:
+        sources.commit_time(tmp_path / "plain")
+    assert caught.value.message == "Cannot read the commit time of plain"
+    assert "resolution to latest" in caught.value.hint
+
+
+def test_an_unknown_resolution_setting_names_the_choices(tmp_path):
+    from appliance.core import spaces
+
+    ctx = spaces.open_context(config_for(tmp_path, build_resolution="yesterday",
+                                         podman_autostart=False), actor="test")
+    with pytest.raises(InvalidInput) as caught:
+        spaces.resolution_of(ctx, {"resolution": None})
+    assert caught.value.message == "Unknown package resolution 'yesterday'"
+    assert "dated, latest" in caught.value.hint
+    assert "APPLIANCE_BUILD_RESOLUTION" in caught.value.hint
+    ctx.store.close()

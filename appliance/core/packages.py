@@ -441,7 +441,11 @@ def _download(session: requests.Session, pin: Pin, cache_dir: Path, config
         return pin, f"no downloadable URL in the lock ({pin.url!r})"
     dest = cached_path(cache_dir, pin)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    partial = dest.with_name(f".{dest.name}.{os.getpid()}.{id(pin)}.part")
+    # A name of its own per download: two builds (threads or workers) may fetch one file at
+    # once; each writes its own partial file and the last rename wins with the same bytes.
+    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    os.close(fd)
+    partial = Path(name)
     try:
         with session.get(pin.url, stream=True, timeout=config.package_timeout) as response:
             if response.status_code != 200:
