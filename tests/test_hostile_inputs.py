@@ -1,5 +1,5 @@
 """Hostile input from issue 11: oversized values are refused before any pattern runs, the
-patterns that see user input run in linear time, and ?next= never leads off the app.
+patterns that see user input run in linear time, and ?next= never leads off the portal.
 
 Timings here are liveness bounds, not benchmarks: each states the figure expected on any
 machine and asserts ten times it, so only a quadratic (or worse) path can fail them."""
