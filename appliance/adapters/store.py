@@ -446,6 +446,12 @@ class Store:
         where, params = ("where space_id = ?", [space_id]) if space_id else ("", [])
         return list(self.db.query(f"select * from locks {where} order by created_at", params))
 
+    def last_resolved(self, inputs: str) -> str | None:
+        """When the index was last asked for a lock with these inputs (any Space)."""
+        rows = list(self.db.query("select max(resolved_at) as at from locks where inputs = ?",
+                                  [inputs]))
+        return rows[0]["at"] if rows else None
+
     def forget_locks(self, space_id: str, actor: str) -> int:
         """Drop a Space's locks, so its next build resolves its packages again."""
         self.get_space(space_id)

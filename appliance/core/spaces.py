@@ -341,18 +341,13 @@ def _lock_for(ctx: Context, space_id: str, sha: str, checkout: Path, manifest: M
 def _recently_resolved(ctx: Context, inputs: str) -> str | None:
     """When a lock of any Space with these inputs was last resolved against the index, if
     that is within the index's cache lifetime (else None)."""
-    horizon = time.time() - packages.INDEX_FRESH_SECONDS
-    newest = None
-    for lock in ctx.store.locks():
-        if lock["inputs"] != inputs or not lock["resolved_at"]:
-            continue
-        try:
-            at = datetime.fromisoformat(lock["resolved_at"]).timestamp()
-        except ValueError:
-            continue
-        if at >= horizon and (newest is None or lock["resolved_at"] > newest):
-            newest = lock["resolved_at"]
-    return newest
+    newest = ctx.store.last_resolved(inputs)
+    try:
+        fresh = newest and datetime.fromisoformat(newest).timestamp() >= (
+            time.time() - packages.INDEX_FRESH_SECONDS)
+    except ValueError:
+        return None
+    return newest if fresh else None
 
 
 def _lock_words(lock: dict[str, Any]) -> str:
