@@ -10,6 +10,7 @@ from pathlib import Path
 from .adapters import host
 from .config import Config
 from .errors import ApplianceError
+from .gpu import nvml
 
 GIB = 1 << 30
 SUBIDS_NEEDED = 65536
@@ -40,6 +41,7 @@ class Facts:
     podman: dict | None
     podman_error: str | None
     base_image_probe: Callable[[], tuple[bool, str]] | None = None
+    inventory: nvml.Inventory | None = None  # the GPUs as NVML reads them
 
     @property
     def uid(self) -> str:
@@ -357,18 +359,59 @@ def check_ca_bundle(f: Facts) -> Check:
     return Check("ca-bundle", "ok", f"{bundle} is mounted read-only into builds")
 
 
+def _gpus(f: Facts) -> tuple[nvml.Gpu, ...]:
+    return f.inventory.gpus if f.inventory is not None and f.inventory.available else ()
+
+
+def check_gpus(f: Facts) -> Check:
+    inventory = f.inventory
+    if inventory is None:
+        return Check("gpus", "warn", NOT_CHECKED)
+    if not inventory.available:
+        if host.nvidia_device_present(f.root):
+            detail = ("NVIDIA driver files are present but NVML cannot read the GPUs: "
+                      f"{inventory.reason}")
+            return Check("gpus", "warn", detail, "nvidia-smi  (it says what the driver lacks)")
+        return Check("gpus", "ok", f"CPU-only box: {inventory.reason}")
+    if not inventory.gpus:
+        return Check("gpus", "ok", "CPU-only box: NVML finds no GPU")
+    names = ", ".join(f"{gpu.index} {gpu.name or '?'}" for gpu in inventory.gpus)
+    detail = f"{len(inventory.gpus)} GPU(s) ({names}); driver {inventory.driver_version or '?'}"
+    warnings = list(inventory.warnings) + [
+        f"GPU {gpu.index}: {warning}" for gpu in inventory.gpus for warning in gpu.warnings]
+    if warnings:
+        fix = "upgrade the NVIDIA driver" if any(
+            "this driver has no" in w for w in warnings) else None
+        return Check("gpus", "warn", f"{detail}; NVML: {'; '.join(warnings)}", fix)
+    return Check("gpus", "ok", detail)
+
+
 def check_cdi(f: Facts) -> Check:
-    if not host.nvidia_device_present(f.root):
+    gpus = _gpus(f)
+    # NVML says whether there is a GPU; the device files only when NVML cannot answer (a
+    # Jetson's /dev has no nvidia0, and a stale /dev/nvidia0 outlives a removed card).
+    nvml_answered = f.inventory is not None and f.inventory.available
+    if not gpus and (nvml_answered or not host.nvidia_device_present(f.root)):
         return Check("cdi", "ok", "CPU-only box: no NVIDIA GPU found")
+    jetson = any(gpu.jetson for gpu in gpus) or nvml.is_jetson(f.root)
     specs = host.nvidia_cdi_specs(f.root)
     if specs:
         shown = ", ".join("/" + str(p.relative_to(f.root)) for p in specs)
         return Check("cdi", "ok", f"NVIDIA CDI spec: {shown}")
-    mode = " --mode=csv" if host.is_jetson(f.root) else ""
+    mode = " --mode=csv" if jetson else ""
     fix = f"nvidia-ctk cdi generate{mode} --output=/etc/cdi/nvidia.yaml"
     if host.which("nvidia-ctk") is None:
         fix = f"apt-get install nvidia-container-toolkit && {fix}"
-    detail = "NVIDIA GPU found but no NVIDIA CDI spec in /etc/cdi or /var/run/cdi"
+    if jetson:
+        detail = (
+            "Jetson GPU found but no NVIDIA CDI spec in /etc/cdi or /var/run/cdi: on JetPack 6 "
+            "containers reach the integrated GPU only through CDI, and its spec is generated in "
+            "csv mode from the files L4T lists in /etc/nvidia-container-runtime/"
+            "host-files-for-container.d: nvidia-ctk cdi generate --mode=csv "
+            "--output=/etc/cdi/nvidia.yaml"
+        )
+    else:
+        detail = "NVIDIA GPU found but no NVIDIA CDI spec in /etc/cdi or /var/run/cdi"
     return Check("cdi", "fail", detail, fix)
 
 
@@ -422,7 +465,7 @@ CHECKS: tuple[Callable[[Facts], Check], ...] = (
     check_service_user, check_podman, check_uidmap, check_slirp4netns, check_cgroups,
     check_runtime, check_cgroup_manager, check_limits, check_rootful, check_subuid, check_tun,
     check_storage, check_runtime_dir, check_cni_dir, check_api_socket, check_python,
-    check_ca_bundle, check_cdi,
+    check_ca_bundle, check_gpus, check_cdi,
     check_git, check_git_lfs, check_disk, check_base_image,
 )  # fmt: skip
 CHECK_NAMES = tuple(c.__name__.removeprefix("check_").replace("_", "-") for c in CHECKS)
@@ -433,8 +476,12 @@ def run_checks(
     root: Path = Path("/"),
     podman_probe: Callable[[], dict] | None = None,
     base_image_probe: Callable[[], tuple[bool, str]] | None = None,
+    read_inventory: Callable[[], nvml.Inventory] | None = None,
 ) -> list[Check]:
-    """Run every host check and return them in a fixed order, one per name in CHECK_NAMES."""
+    """Run every host check and return them in a fixed order, one per name in CHECK_NAMES.
+
+    read_inventory reads the GPUs (default: NVML, with root's L4T files for a Jetson).
+    """
     podman, podman_error = None, None
     if podman_probe is not None:
         try:
@@ -451,6 +498,7 @@ def run_checks(
         podman=podman,
         podman_error=podman_error,
         base_image_probe=base_image_probe,
+        inventory=(read_inventory or (lambda: nvml.read_inventory(root)))(),
     )
     checks = []
     for name, check in zip(CHECK_NAMES, CHECKS, strict=True):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -127,10 +128,23 @@ def test_parse_hardware_answers_a_hugging_face_flavor_with_a_suggestion_not_a_re
     assert caught.value.hint.startswith("use shared:16g (its GPU memory) or gpu;")
     with pytest.raises(InvalidInput) as caught:
         parse_hardware("a10g-largex2")
-    assert caught.value.hint.startswith("use shared:48g (its GPU memory) or gpu:2;")
+    assert caught.value.hint.startswith(
+        "use gpu:2 (its 2 GPUs), or shared:24g at most for one GPU's share;")
     with pytest.raises(InvalidInput) as caught:
         parse_hardware("cpu-basic")
     assert caught.value.hint == "use cpu"
+
+
+@pytest.mark.parametrize("flavor", ["h100x8", "h200x8", "a100x8", "l40sx8", "l4x4"])
+def test_a_multi_gpu_flavor_hint_suggests_no_budget_larger_than_one_gpu(flavor):
+    with pytest.raises(InvalidInput) as caught:
+        parse_hardware(flavor)
+    hint = caught.value.hint
+    per_gpu, count = {"h100x8": (80, 8), "h200x8": (141, 8), "a100x8": (80, 8),
+                      "l40sx8": (48, 8), "l4x4": (24, 4)}[flavor]
+    assert hint.startswith(f"use gpu:{count} (its {count} GPUs), or shared:{per_gpu}g at most")
+    suggested = [int(size) for size in re.findall(r"shared:(\d+)g", hint)]
+    assert suggested and max(suggested) <= per_gpu
 
 
 # -- suggested_budget_mib --------------------------------------------------------------------

@@ -107,11 +107,12 @@ process gpu=1 pid=4321 used_mib=2048
         "memory_total_mib": 40960, "memory_used_mib": 1024, "memory_free_mib": 40960 - 1324,
         "utilization_gpu": 12, "utilization_memory": 3, "temperature_c": 41, "power_w": 62.0,
         "mig_enabled": False, "mig_devices": [],
-        "processes": [{"pid": 1234, "used_mib": 512}, {"pid": 1300, "used_mib": None}],
+        "processes": [{"pid": 1234, "used_mib": 512, "kind": "compute"},
+                      {"pid": 1300, "used_mib": None, "kind": "compute"}],
         "jetson": False, "warnings": [],
     }
     assert (second["name"], second["uuid"], second["power_w"]) == ("NVIDIA L4", "GPU-bbbb", 16.5)
-    assert second["processes"] == [{"pid": 4321, "used_mib": 2048}]
+    assert second["processes"] == [{"pid": 4321, "used_mib": 2048, "kind": "compute"}]
     assert inventory["warnings"] == []
 
 
@@ -124,8 +125,8 @@ mig parent=0 index=2 uuid=MIG-2222 mem_total_mib=9856 mem_used_mib=13
     gpu = inventory["gpus"][0]
     assert gpu["mig_enabled"] is True
     assert gpu["mig_devices"] == [
-        {"index": 0, "uuid": "MIG-0000", "memory_total_mib": 19968},
-        {"index": 2, "uuid": "MIG-2222", "memory_total_mib": 9856},
+        {"index": 0, "uuid": "MIG-0000", "memory_total_mib": 19968, "processes": []},
+        {"index": 2, "uuid": "MIG-2222", "memory_total_mib": 9856, "processes": []},
     ]
     # NVML gives no whole-GPU utilisation in MIG mode; empty slots are not failures.
     assert gpu["utilization_gpu"] is None
@@ -188,7 +189,7 @@ def test_gpu_with_more_than_64_processes_lists_them_all(fake_nvml, tmp_path):
     inventory = read(fake_nvml, tmp_path, f"gpu index=0 {A100}\n" + processes)
     listed = inventory["gpus"][0]["processes"]
     assert [p["pid"] for p in listed] == list(range(1000, 1150))
-    assert listed[149] == {"pid": 1149, "used_mib": 149}
+    assert listed[149] == {"pid": 1149, "used_mib": 149, "kind": "compute"}
 
 
 def test_process_list_refused_is_empty_with_a_warning_and_the_rest_read(fake_nvml, tmp_path):
@@ -309,7 +310,7 @@ def test_each_read_sees_the_gpus_as_they_are_now(fake_nvml, tmp_path):
     )
     first, second = json.loads(run_python(fake_nvml, config, code, str(tmp_path), str(config)))
     assert first["gpus"][0]["processes"] == []
-    assert second["gpus"][0]["processes"] == [{"pid": 7, "used_mib": None}]
+    assert second["gpus"][0]["processes"] == [{"pid": 7, "used_mib": None, "kind": "compute"}]
 
 
 def test_gpus_list_command_prints_the_fake_inventory(fake_nvml, tmp_path):
@@ -324,4 +325,4 @@ def test_gpus_list_command_prints_the_fake_inventory(fake_nvml, tmp_path):
     assert "driver 550.54.15, CUDA 12.4" in text
     assert "NVIDIA L4" in text and "512/23034 MiB" in text and "1 processes" in text
     shown = json.loads(run_python(fake_nvml, config, code, "gpus", "show", "0", "--json"))
-    assert shown["processes"] == [{"pid": 4242, "used_mib": 500}]
+    assert shown["processes"] == [{"pid": 4242, "used_mib": 500, "kind": "compute"}]

@@ -63,6 +63,9 @@ def gpus_show(index, as_json):
     if not found:
         from ..errors import NotFound
 
+        if not inventory["available"]:
+            raise NotFound(f"No GPU with index {index}: {inventory['reason']}",
+                           hint="run 'appliance doctor' (this box runs CPU Spaces normally)")
         raise NotFound(f"No GPU with index {index}", hint="see 'appliance gpus list'")
     emit(found[0], as_json, lambda g: json.dumps(g, indent=2, sort_keys=True))
 

@@ -160,12 +160,15 @@ def flavor_request(flavor: str) -> str | None:
 
 
 def _flavor_hint(flavor: str) -> str:
-    budget = suggested_budget_mib(flavor)
-    if budget is None:
+    spec = _FLAVORS[flavor]
+    if spec is None:
         return "use cpu"
-    count = _FLAVORS[flavor][1]
-    whole = "gpu" if count == 1 else f"gpu:{count}"
-    return f"use shared:{budget // 1024}g (its GPU memory) or {whole}; the forms are: {FORMS}"
+    per_gpu, count = spec
+    if count == 1:
+        return f"use shared:{per_gpu // 1024}g (its GPU memory) or gpu; the forms are: {FORMS}"
+    # A shared budget lives on one GPU: the flavor's memory summed over its GPUs fits none.
+    return (f"use gpu:{count} (its {count} GPUs), or shared:{per_gpu // 1024}g at most for "
+            f"one GPU's share; the forms are: {FORMS}")
 
 
 def suggested_budget_mib(suggested_hardware: str | None) -> int | None:
@@ -443,25 +446,31 @@ def _admit_mig(request: HardwareRequest, space_id: str, gpus: list[Gpu],
 # -- after the inventory changes -------------------------------------------------------------
 
 
-def reconcile_allocations(existing: list[Allocation],
-                          inventory: Inventory) -> tuple[list[Allocation], list[str]]:
+def reconcile_allocations(existing: list[Allocation], inventory: Inventory,
+                          running: set[str] | None = frozenset()
+                          ) -> tuple[list[Allocation], list[str]]:
     """Drop allocations whose GPU or MIG device is gone; return those kept and why each went.
 
     An inventory that could not be read keeps every allocation: a driver that fails to load
-    after an upgrade has not taken the GPUs out of the box.
+    after an upgrade has not taken the GPUs out of the box. So does a Space in ``running``
+    (its container still runs): a GPU missing from one reading may come back, still in that
+    container's hands. ``running`` None means nobody can say what runs: keep everything.
     """
-    if not inventory.available:
+    if not inventory.available or running is None:
         return list(existing), []
     gpus = {key: gpu for gpu in inventory.gpus if (key := gpu_key(gpu)) is not None}
     migs = {mig.uuid for gpu in inventory.gpus if gpu.mig_enabled for mig in gpu.mig_devices}
     kept, dropped = [], []
     for allocation in existing:
         gone = [uuid for uuid in allocation.gpu_uuids if uuid not in gpus]
-        if gone:
+        mig_gone = allocation.mig_uuid is not None and allocation.mig_uuid not in migs
+        if (gone or mig_gone) and allocation.space_id in running:
+            kept.append(allocation)
+        elif gone:
             dropped.append(
                 f"Dropped the {_what(allocation)} of {allocation.space_id}: "
                 f"GPU {', '.join(gone)} is no longer on this box")
-        elif allocation.mig_uuid is not None and allocation.mig_uuid not in migs:
+        elif mig_gone:
             dropped.append(
                 f"Dropped the {_what(allocation)} of {allocation.space_id}: "
                 f"MIG device {allocation.mig_uuid} is no longer on this box")

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..errors import Conflict
+from ..adapters.runtime import LABEL_SPACE
+from ..errors import ApplianceError, Conflict
 from . import allocation
 from .nvml import Inventory
 
@@ -32,33 +33,52 @@ def _existing(ctx, space_id: str) -> list[allocation.Allocation]:
 
 
 def check_request(ctx, space_id: str, hardware: str) -> str:
-    """Parse a hardware request and refuse it now, with what is free, when it cannot fit."""
+    """Parse a hardware request and refuse it now, with what is free, when it cannot fit.
+
+    Advisory only: nothing is recorded, so the Space's start (``claim``) decides again.
+    """
     request = allocation.parse_hardware(hardware)
     if request.kind == "cpu":
         return "cpu"
-    decision = allocation.admit(request, space_id, ctx.read_inventory(),
-                                _existing(ctx, space_id), ctx.config.gpu_reserve_mib)
-    if not decision.admitted:
-        raise Conflict(f"Hardware {request} is not available: {decision.reason}",
-                       hint="free it by stopping a Space that holds it, or ask for less")
-    return str(request)
-
-
-def claim(ctx, space_id: str, hardware: str) -> Claim:
-    """Admit the Space's request against what others hold, record it, return the injection."""
-    request = allocation.parse_hardware(hardware)
-    if request.kind == "cpu":
-        ctx.store.release_allocation(space_id, ctx.actor, "cpu")
-        return Claim()
     inventory = ctx.read_inventory()
     decision = allocation.admit(request, space_id, inventory, _existing(ctx, space_id),
                                 ctx.config.gpu_reserve_mib)
     if not decision.admitted:
-        raise Conflict(f"Hardware {request} is not available: {decision.reason}",
-                       hint="free it by stopping a Space that holds it, or ask for less")
-    held = decision.allocation
-    ctx.store.set_allocation(space_id, held.kind, list(held.gpu_uuids), held.mig_uuid,
-                             held.memory_mib, ctx.actor)
+        raise _refusal(request, decision, inventory)
+    return str(request)
+
+
+def _refusal(request: allocation.HardwareRequest, decision: allocation.Decision,
+             inventory: Inventory) -> Conflict:
+    if not inventory.available or not inventory.gpus:
+        hint = "this box has no NVIDIA GPU: ask for cpu, or run the Space on a box with one"
+    else:
+        hint = "free it by stopping a Space that holds it, or ask for less"
+    return Conflict(f"Hardware {request} is not available: {decision.reason}", hint=hint)
+
+
+def claim(ctx, space_id: str, hardware: str) -> Claim:
+    """Admit the Space's request against what others hold, record it, return the injection.
+
+    Reading the allocations, deciding and recording are one IMMEDIATE transaction: SQLite
+    lets one writer in at a time across every process (CLI, portal workers, scheduler), so
+    two Spaces starting at once cannot both be given the last free GPU.
+    """
+    request = allocation.parse_hardware(hardware)
+    if request.kind == "cpu":
+        ctx.store.release_allocation(space_id, ctx.actor, "cpu")
+        return Claim()
+    # NVML is read before the transaction: the GPUs do not change with the allocations, and
+    # the write lock is held only for the decision.
+    inventory = ctx.read_inventory()
+    with ctx.store.transaction():
+        decision = allocation.admit(request, space_id, inventory, _existing(ctx, space_id),
+                                    ctx.config.gpu_reserve_mib)
+        if not decision.admitted:
+            raise _refusal(request, decision, inventory)
+        held = decision.allocation
+        ctx.store.set_allocation(space_id, held.kind, list(held.gpu_uuids), held.mig_uuid,
+                                 held.memory_mib, ctx.actor)
     return injection(held, inventory, ctx.config)
 
 
@@ -104,10 +124,22 @@ def _budget_env(held: allocation.Allocation, gpus: list, config) -> dict[str, st
 
 
 def reconcile_allocations_once(ctx) -> list[str]:
-    """Drop allocations whose GPU or MIG device NVML no longer shows; return the messages."""
+    """Drop allocations whose GPU or MIG device NVML no longer shows; return the messages.
+
+    An allocation whose GPU is missing from this reading is kept while the Space has a
+    container running: a GPU that drops out of one NVML reading (an Xid, a driver hiccup)
+    and comes back is still in that container's hands, and must not be handed out twice.
+    """
     if not ctx.store.allocations():
         return []  # nothing held: no need to wake NVML (a CPU-only box never does)
-    kept, messages = allocation.reconcile_allocations(_existing(ctx, ""), ctx.read_inventory())
+    existing = _existing(ctx, "")
+    inventory = ctx.read_inventory()
+    _, messages = allocation.reconcile_allocations(existing, inventory)
+    if messages:
+        running = _running_spaces(ctx)
+        kept, messages = allocation.reconcile_allocations(existing, inventory, running)
+    else:
+        kept = existing
     held = {a.space_id for a in kept}
     for row in ctx.store.allocations():
         if row["space_id"] not in held:
@@ -115,6 +147,16 @@ def reconcile_allocations_once(ctx) -> list[str]:
     return messages
 
 
-def inventory_view(ctx) -> dict:
+def _running_spaces(ctx) -> set[str] | None:
+    """Return the Spaces with a running container; None (keep every allocation) when
+    Podman cannot say."""
+    try:
+        return {c.labels.get(LABEL_SPACE) for c in ctx.runtime.containers() if c.running}
+    except ApplianceError:
+        return None
+
+
+def inventory_view(ctx, inventory: Inventory | None = None) -> dict:
     """The GPUs as NVML sees them now, with what each Space holds (for the API and pages)."""
-    return {**ctx.read_inventory().to_dict(), "allocations": ctx.store.allocations()}
+    inventory = ctx.read_inventory() if inventory is None else inventory
+    return {**inventory.to_dict(), "allocations": ctx.store.allocations()}

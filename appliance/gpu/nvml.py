@@ -7,7 +7,10 @@ warning, or an ``Inventory(available=False, reason=...)``; none is ever raised.
 from __future__ import annotations
 
 import ctypes
+import logging
+import os
 import re
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +18,8 @@ from typing import Any
 import pynvml
 
 from ..adapters import host
+
+log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 # What NVML reports as a process's memory when it cannot know it (WDDM on Windows, MPS).
@@ -38,6 +43,32 @@ _WHY_UNAVAILABLE = {
 
 # Where L4T exposes the iGPU's devfreq load, in per-mille: Xavier/TX2, then Orin (JetPack 5).
 _JETSON_LOAD_FILES = ("sys/devices/gpu.0/load", "sys/devices/platform/gpu.0/load")
+# Answers after which the NVML session is closed and opened afresh on the next read: the driver
+# was reloaded or upgraded under us, or a GPU fell off the bus and may come back after a reset.
+_REOPEN = frozenset({
+    pynvml.NVML_ERROR_UNINITIALIZED, pynvml.NVML_ERROR_DRIVER_NOT_LOADED,
+    pynvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH, pynvml.NVML_ERROR_GPU_IS_LOST,
+    pynvml.NVML_ERROR_RESET_REQUIRED,
+})
+
+# The process lists NVML keeps, newest call first: a driver lacks the newer ones (a _v3 came
+# with R510, _v2 with R470); the last is the original call. A driver with none of a kind
+# cannot show those processes, and the inventory says so rather than reading "no processes".
+_PROCESS_CALLS = (
+    ("compute", "processes", (
+        "nvmlDeviceGetComputeRunningProcesses_v3", "nvmlDeviceGetComputeRunningProcesses_v2",
+        "nvmlDeviceGetComputeRunningProcesses")),
+    ("graphics", "graphics processes", (
+        "nvmlDeviceGetGraphicsRunningProcesses_v3", "nvmlDeviceGetGraphicsRunningProcesses_v2",
+        "nvmlDeviceGetGraphicsRunningProcesses")),
+    # Under the CUDA MPS daemon the compute list shows its server; the clients (a Space's
+    # processes) are listed here.
+    ("mps", "MPS processes", (
+        "nvmlDeviceGetMPSComputeRunningProcesses_v3",
+        "nvmlDeviceGetMPSComputeRunningProcesses_v2",
+        "nvmlDeviceGetMPSComputeRunningProcesses")),
+)
+
 # devfreq device names of Jetson iGPUs: 17000000.gpu (JetPack 6), 17000000.ga10b, .gv11b, ...
 _JETSON_DEVFREQ = re.compile(r"\.(gpu|g[a-z]\d+b)$")
 
@@ -46,6 +77,9 @@ _JETSON_DEVFREQ = re.compile(r"\.(gpu|g[a-z]\d+b)$")
 class GpuProcess:
     pid: int
     used_mib: int | None
+    # Which of NVML's lists named it: "compute", "graphics", "mps" (a CUDA MPS client), or
+    # several joined by "+".
+    kind: str = "compute"
 
 
 @dataclass(frozen=True)
@@ -53,6 +87,9 @@ class MigDevice:
     index: int
     uuid: str
     memory_total_mib: int | None
+    # The processes on this MIG device, read through its own handle: in MIG mode the parent
+    # GPU lists them only to root.
+    processes: tuple[GpuProcess, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -104,8 +141,9 @@ def _describe(err: pynvml.NVMLError) -> str:
 class _Queries:
     """Call NVML, turning each failure into None plus (unless it is merely absent) a warning."""
 
-    def __init__(self) -> None:
+    def __init__(self, codes: set[int] | None = None) -> None:
         self.warnings: list[str] = []
+        self.codes: set[int] = set() if codes is None else codes  # every failure's code
 
     def ask(self, what: str, function, *args, quiet: frozenset[int] = frozenset()) -> Any:
         return self.answer(what, function, *args, quiet=quiet)[0]
@@ -117,6 +155,7 @@ class _Queries:
         try:
             return function(*args), None
         except pynvml.NVMLError as err:
+            self.codes.add(err.value)
             if err.value not in _ABSENT | quiet:
                 self.warnings.append(f"{what}: {_describe(err)}")
             return None, err.value
@@ -132,7 +171,7 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def _is_jetson(root: Path) -> bool:
+def is_jetson(root: Path = host.ROOT) -> bool:
     """Tell whether this is a Jetson (L4T release file or a Tegra/Orin device tree)."""
     if host.is_jetson(root):
         return True
@@ -215,6 +254,84 @@ def _mib(value: int | None) -> int | None:
     return None if value is None else value // MIB
 
 
+class _ProcessInfo(ctypes.Structure):
+    """nvmlProcessInfo_t (the _v2 and _v3 calls) as pynvml lays it out, without its
+    per-field lookup hook."""
+
+    _fields_ = pynvml.c_nvmlProcessInfo_v3_t._fields_
+
+
+class _ProcessInfoV1(ctypes.Structure):
+    """nvmlProcessInfo_v1_t, which the original calls (no suffix) fill."""
+
+    _fields_ = [("pid", ctypes.c_uint), ("usedGpuMemory", ctypes.c_ulonglong)]
+
+
+def _list_processes(function, layout, handle) -> list[tuple[int, int | None]]:
+    """Return (pid, bytes used or None) of each process one NVML list call gives.
+
+    The calls pynvml's wrappers make (one for the count, then one with room to spare for
+    processes started in between), without their conversion of every entry to a friendly
+    object: that conversion was most of a telemetry sample's CPU.
+    """
+    count = ctypes.c_uint(0)
+    status = function(handle, ctypes.byref(count), None)
+    if status == pynvml.NVML_SUCCESS:
+        return []
+    if status != pynvml.NVML_ERROR_INSUFFICIENT_SIZE:
+        raise pynvml.NVMLError(status)
+    count.value = count.value * 2 + 5
+    entries = (layout * count.value)()
+    status = function(handle, ctypes.byref(count), entries)
+    if status != pynvml.NVML_SUCCESS:
+        raise pynvml.NVMLError(status)
+    return [(entry.pid, None if entry.usedGpuMemory == _NOT_AVAILABLE else entry.usedGpuMemory)
+            for entry in entries[:count.value]]
+
+
+def _newest_call(name: str, handle) -> list[tuple[int, int | None]]:
+    function = pynvml._nvmlGetFunctionPointer(name)  # FUNCTION_NOT_FOUND on older drivers
+    layout = _ProcessInfo if name.endswith(("_v2", "_v3")) else _ProcessInfoV1
+    return _list_processes(function, layout, handle)
+
+
+def _processes(q: _Queries, handle, where: str = "") -> tuple[GpuProcess, ...]:
+    """Read every process list of a GPU (or MIG device), newest call each driver has."""
+    found: dict[int, GpuProcess] = {}
+    blind = []
+    for kind, what, names in _PROCESS_CALLS:
+        for name in names:
+            running, code = q.answer(
+                f"{where}{what}", _newest_call, name, handle,
+                quiet=frozenset({pynvml.NVML_ERROR_FUNCTION_NOT_FOUND}))
+            if code != pynvml.NVML_ERROR_FUNCTION_NOT_FOUND:
+                break
+        else:
+            blind.append(f"{names[0]} (nor _v2, nor v1)")
+            continue
+        for pid, used in running or []:
+            seen = found.get(pid)
+            if seen is None:
+                found[pid] = GpuProcess(pid, _mib(used), kind)
+            elif kind not in seen.kind.split("+"):
+                found[pid] = GpuProcess(pid, seen.used_mib if seen.used_mib is not None
+                                        else _mib(used), f"{seen.kind}+{kind}")
+    if blind:
+        q.warnings.append(
+            f"{where}processes: this driver has no {', no '.join(blind)}: those processes "
+            "cannot be seen, so the GPU watchdog cannot attribute or limit them "
+            "(upgrade the NVIDIA driver)")
+    return tuple(found.values())
+
+
+def _merged(lists) -> tuple[GpuProcess, ...]:
+    found: dict[int, GpuProcess] = {}
+    for processes in lists:
+        for process in processes:
+            found.setdefault(process.pid, process)
+    return tuple(found.values())
+
+
 def _mig_devices(q: _Queries, handle) -> tuple[MigDevice, ...]:
     found = []
     slots = q.ask("MIG device count", pynvml.nvmlDeviceGetMaxMigDeviceCount, handle) or 0
@@ -227,46 +344,13 @@ def _mig_devices(q: _Queries, handle) -> tuple[MigDevice, ...]:
             continue
         uuid = q.ask(f"MIG device {slot} UUID", pynvml.nvmlDeviceGetUUID, mig) or ""
         memory, _ = _memory(q, mig)
-        found.append(MigDevice(slot, uuid, None if memory is None else _mib(memory.total)))
+        found.append(MigDevice(slot, uuid, None if memory is None else _mib(memory.total),
+                               _processes(q, mig, f"MIG device {slot} ")))
     return tuple(found)
 
 
-class _ProcessInfo(ctypes.Structure):
-    """nvmlProcessInfo_v3_t as pynvml lays it out, without its per-field lookup hook."""
-
-    _fields_ = pynvml.c_nvmlProcessInfo_v3_t._fields_
-
-
-def _compute_processes(handle) -> list[tuple[int, int | None]]:
-    """Return (pid, bytes used or None) of each compute process on a GPU; NVMLError on failure.
-
-    The calls pynvml.nvmlDeviceGetComputeRunningProcesses_v3 makes (one for the count, then
-    one with room to spare for processes started in between), without its conversion of every
-    entry to a friendly object: that conversion was most of a telemetry sample's CPU.
-    """
-    function = pynvml._nvmlGetFunctionPointer("nvmlDeviceGetComputeRunningProcesses_v3")
-    count = ctypes.c_uint(0)
-    status = function(handle, ctypes.byref(count), None)
-    if status == pynvml.NVML_SUCCESS:
-        return []
-    if status != pynvml.NVML_ERROR_INSUFFICIENT_SIZE:
-        raise pynvml.NVMLError(status)
-    count.value = count.value * 2 + 5
-    entries = (_ProcessInfo * count.value)()
-    status = function(handle, ctypes.byref(count), entries)
-    if status != pynvml.NVML_SUCCESS:
-        raise pynvml.NVMLError(status)
-    return [(entry.pid, None if entry.usedGpuMemory == _NOT_AVAILABLE else entry.usedGpuMemory)
-            for entry in entries[:count.value]]
-
-
-def _processes(q: _Queries, handle) -> tuple[GpuProcess, ...]:
-    running = q.ask("processes", _compute_processes, handle) or []
-    return tuple(GpuProcess(pid, _mib(used)) for pid, used in running)
-
-
-def _read_gpu(index: int, handle, root: Path, on_jetson: bool) -> Gpu:
-    q = _Queries()
+def _read_gpu(index: int, handle, root: Path, on_jetson: bool, codes: set[int]) -> Gpu:
+    q = _Queries(codes)
     name = q.ask("name", pynvml.nvmlDeviceGetName, handle)
     uuid = q.ask("UUID", pynvml.nvmlDeviceGetUUID, handle) or ""
     memory, memory_code = _memory(q, handle)
@@ -276,10 +360,14 @@ def _read_gpu(index: int, handle, root: Path, on_jetson: bool) -> Gpu:
     utilization = q.ask("utilization", pynvml.nvmlDeviceGetUtilizationRates, handle)
     util_gpu = None if utilization is None else utilization.gpu
     util_memory = None if utilization is None else utilization.memory
-    # NVML on JetPack 6 cannot size the iGPU's memory: it is the system RAM.
-    jetson = on_jetson and memory_code == pynvml.NVML_ERROR_NOT_SUPPORTED
-    if jetson:
+    # NVML on JetPack 6 names the iGPU "Orin (nvgpu)" and cannot size its memory: it is the
+    # system RAM. The name alone tells a Jetson where its L4T files are out of sight (a
+    # container without /etc/nv_tegra_release or /proc/device-tree).
+    jetson = "(nvgpu)" in (name or "") or (
+        on_jetson and memory_code == pynvml.NVML_ERROR_NOT_SUPPORTED)
+    if jetson and memory is None:
         total, used, free = _meminfo(root)
+    if jetson:
         name = name or _jetson_model(root)
         if util_gpu is None:
             util_gpu = _jetson_load(root)
@@ -289,14 +377,17 @@ def _read_gpu(index: int, handle, root: Path, on_jetson: bool) -> Gpu:
     power_mw = q.ask("power", pynvml.nvmlDeviceGetPowerUsage, handle)
     mode = q.ask("MIG mode", pynvml.nvmlDeviceGetMigMode, handle)
     mig_enabled = mode is not None and mode[0] == pynvml.NVML_DEVICE_MIG_ENABLE
+    mig_devices = _mig_devices(q, handle) if mig_enabled else ()
+    # In MIG mode the parent lists processes to root only; each MIG device lists its own.
+    processes = (_merged(m.processes for m in mig_devices) if mig_enabled
+                 else _processes(q, handle))
     return Gpu(
         index=index, uuid=uuid, name=name or "",
         memory_total_mib=total, memory_used_mib=used, memory_free_mib=free,
         utilization_gpu=util_gpu, utilization_memory=util_memory,
         temperature_c=temperature, power_w=None if power_mw is None else power_mw / 1000,
-        mig_enabled=mig_enabled,
-        mig_devices=_mig_devices(q, handle) if mig_enabled else (),
-        processes=_processes(q, handle), jetson=jetson, warnings=tuple(q.warnings),
+        mig_enabled=mig_enabled, mig_devices=mig_devices,
+        processes=processes, jetson=jetson, warnings=tuple(q.warnings),
     )
 
 
@@ -305,42 +396,73 @@ def _cuda_version(number: int | None) -> str | None:
     return None if number is None else f"{number // 1000}.{number % 1000 // 10}"
 
 
-def _read_nvml(root: Path, on_jetson: bool) -> Inventory:
+def _read_nvml(root: Path, on_jetson: bool) -> tuple[Inventory, set[int]]:
+    """Read every GPU; return the inventory and the codes of the calls that failed."""
     try:
         count = pynvml.nvmlDeviceGetCount()
     except pynvml.NVMLError as err:
-        return Inventory(available=False, reason=f"NVML could not count the GPUs: {_describe(err)}")
+        reason = f"NVML could not count the GPUs: {_describe(err)}"
+        return Inventory(available=False, reason=reason), {err.value} | _REOPEN
     q = _Queries()
     driver = q.ask("driver version", pynvml.nvmlSystemGetDriverVersion)
-    if driver is None and on_jetson:
-        driver = _l4t_release(root)
     cuda = _cuda_version(q.ask("CUDA version", pynvml.nvmlSystemGetCudaDriverVersion_v2))
     gpus = []
     for index in range(count):
         handle = q.ask(f"GPU {index}", pynvml.nvmlDeviceGetHandleByIndex, index)
         if handle is not None:
-            gpus.append(_read_gpu(index, handle, root, on_jetson))
-    return Inventory(
+            gpus.append(_read_gpu(index, handle, root, on_jetson, q.codes))
+    if driver is None and (on_jetson or any(gpu.jetson for gpu in gpus)):
+        driver = _l4t_release(root)  # a Jetson's driver is its L4T release
+    inventory = Inventory(
         available=True, driver_version=driver, cuda_version=cuda, gpus=tuple(gpus),
         warnings=tuple(q.warnings),
     )
+    return inventory, q.codes
+
+
+# One NVML session per process, opened at the first read and kept: opening one costs more
+# than a whole reading, and telemetry reads every few seconds. After a driver error it is
+# closed, and the next read opens a fresh one. A forked child opens its own.
+_session_lock = threading.Lock()
+_session_pid: int | None = None
+_logged: set[str] = set()
+
+
+def _close_session() -> None:
+    global _session_pid
+    _session_pid = None
+    try:
+        pynvml.nvmlShutdown()
+    except pynvml.NVMLError:
+        pass  # the session is dropped either way; the next read opens a new one
+
+
+def _log_new(inventory: Inventory) -> None:
+    """Log each warning once per process: telemetry reads every few seconds."""
+    found = list(inventory.warnings) + [w for gpu in inventory.gpus for w in gpu.warnings]
+    for warning in found:
+        if warning not in _logged and len(_logged) < 1000:
+            _logged.add(warning)
+            log.warning("NVML: %s", warning)
 
 
 def read_inventory(root: Path = host.ROOT) -> Inventory:
     """Describe the GPUs and their use now; never raise (a box without any says why)."""
-    on_jetson = _is_jetson(root)
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError as err:
-        reason = _WHY_UNAVAILABLE.get(err.value, f"NVML failed to start: {_describe(err)}")
-        if on_jetson:  # JetPack before 6 ships no NVML: that alone is no cause for a warning
-            missing = err.value == pynvml.NVML_ERROR_LIBRARY_NOT_FOUND
-            return _jetson_without_nvml(root, () if missing else (reason,))
-        return Inventory(available=False, reason=reason)
-    try:
-        return _read_nvml(root, on_jetson)
-    finally:
-        try:
-            pynvml.nvmlShutdown()
-        except pynvml.NVMLError:
-            pass  # the reading is done; a failed release changes nothing the caller can use
+    global _session_pid
+    on_jetson = is_jetson(root)
+    with _session_lock:
+        if _session_pid != os.getpid():
+            try:
+                pynvml.nvmlInit()
+            except pynvml.NVMLError as err:
+                reason = _WHY_UNAVAILABLE.get(err.value, f"NVML failed to start: {_describe(err)}")
+                if on_jetson:  # JetPack before 6 has no NVML: that alone is no cause for a warning
+                    missing = err.value == pynvml.NVML_ERROR_LIBRARY_NOT_FOUND
+                    return _jetson_without_nvml(root, () if missing else (reason,))
+                return Inventory(available=False, reason=reason)
+            _session_pid = os.getpid()
+        inventory, codes = _read_nvml(root, on_jetson)
+        if codes & _REOPEN:
+            _close_session()
+    _log_new(inventory)
+    return inventory

@@ -3,7 +3,8 @@
 Every ``telemetry_interval`` seconds one inventory read becomes one row per GPU (memory used,
 utilisation, temperature, power; NULL where NVML has no such reading) and one row per Space
 per GPU with the memory its processes hold there, attributed by PID namespace as the GPU
-watchdog does. A CPU-only box writes nothing.
+watchdog does; a Space holding an allocation on a GPU but no memory there gets a 0 row, so
+its last reading is never an old one. A CPU-only box writes nothing.
 
 Raw rows are kept ``telemetry_raw_hours``, then become 5-minute averages; those become hourly
 averages after a week; nothing is kept past ``telemetry_keep_days``. At the defaults (10 s,
@@ -93,10 +94,18 @@ def _space_rows(ctx: spaces.Context, inventory: nvml.Inventory, at: str,
         # The GPUs' own rows are still worth having; the next sample tries Podman again.
         report.errors.append(f"cannot attribute GPU memory to Spaces: {exc}")
         return []
-    return [{"at": at, "gpu_uuid": gpu_name(inventory.gpus[number]), "space_id": space_id,
-             "resolution": RAW, "memory_used_mib": used, "utilization_gpu": None,
-             "temperature_c": None, "power_w": None}
-            for number in sorted(per_gpu) for space_id, used in sorted(per_gpu[number].items())]
+    used_by = {(gpu_name(inventory.gpus[number]), space_id): used
+               for number in sorted(per_gpu) for space_id, used in per_gpu[number].items()}
+    # A Space that holds an allocation and no memory reads 0 now, not what it held last.
+    present = {gpu_name(card) for card in inventory.gpus}
+    for held in ctx.store.allocations():
+        for uuid in held["gpu_uuids"]:
+            if uuid in present:
+                used_by.setdefault((uuid, held["space_id"]), 0)
+    return [{"at": at, "gpu_uuid": uuid, "space_id": space_id, "resolution": RAW,
+             "memory_used_mib": used, "utilization_gpu": None, "temperature_c": None,
+             "power_w": None}
+            for (uuid, space_id), used in sorted(used_by.items())]
 
 
 def sample_once(ctx: spaces.Context, inventory: nvml.Inventory | None = None,
@@ -170,6 +179,23 @@ def usage(ctx: spaces.Context, space_id: str, hours: float = 24,
     rows = ctx.store.gpu_samples(space_id=space_id, since=_since(hours, now))
     return [{"at": r["at"], "gpu_uuid": r["gpu_uuid"], "resolution": r["resolution"],
              "memory_used_mib": r["memory_used_mib"]} for r in rows]
+
+
+def current_mib(ctx: spaces.Context, space: dict[str, Any], hours: float = 0.1) -> float | None:
+    """Return the GPU memory the Space holds now, summed over its GPUs at the last sample.
+
+    A Space that is not serving holds none, whatever its last sample said: it reads 0 the
+    moment it stops. None: no sample in the last ``hours``.
+    """
+    if space["stage"] not in spaces.SERVING:
+        return 0
+    rows = usage(ctx, space["id"], hours)
+    if not rows:
+        return None
+    last = rows[-1]["at"]
+    readings = [r["memory_used_mib"] for r in rows if r["at"] == last]
+    known = [value for value in readings if value is not None]
+    return sum(known) if known else None
 
 
 def history(ctx: spaces.Context, gpu_ref: str, hours: float = 24,

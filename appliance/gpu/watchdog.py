@@ -12,7 +12,9 @@ the container's own PID namespace, which the container's init process (its host 
 Podman) shares with every process started inside it. Cgroup paths would say the same but
 differ between cgroup v1 and v2 and between the cgroupfs and systemd managers (and rootless
 v1 has no per-container cgroup at all); the namespace's inode (``/proc/PID/ns/pid``) is the
-same everywhere. Processes that belong to no Space are reported, never touched.
+same everywhere. Processes that belong to no Space are reported, never touched: each is
+recorded once as a ``gpu:unattributed-process`` event (per PID and GPU) and marked on the GPU
+page.
 """
 
 from __future__ import annotations
@@ -46,6 +48,12 @@ class WatchdogReport:
     @property
     def changed(self) -> bool:
         return bool(self.over_budget or self.stopped)
+
+
+UNATTRIBUTED_EVENT = "gpu:unattributed-process"
+# (pid, GPU) of the processes of no Space already recorded, per database file: the scheduler
+# runs a pass every few seconds, and one event per process is enough.
+_recorded: dict[str, set[tuple[int, str]]] = {}
 
 
 class _Vanished(Exception):
@@ -139,6 +147,37 @@ def attribute_by_gpu(ctx: spaces.Context, inventory: nvml.Inventory
     return per_gpu, unattributed
 
 
+def record_unattributed(ctx: spaces.Context, processes: list[dict[str, Any]]) -> int:
+    """Record an event for each GPU process of no Space not recorded before; return how many."""
+    key = str(ctx.store.path)
+    seen = _recorded.get(key)
+    if seen is None:  # a fresh scheduler: what earlier ones recorded stays recorded
+        seen = _recorded[key] = {
+            (event["detail"].get("pid"), event["detail"].get("gpu_uuid"))
+            for event in ctx.store.events(limit=1000) if event["kind"] == UNATTRIBUTED_EVENT}
+    added = 0
+    for process in processes:
+        ident = (process["pid"], process["gpu_uuid"])
+        if ident in seen:
+            continue
+        seen.add(ident)
+        ctx.store.add_event(None, UNATTRIBUTED_EVENT, ctx.actor, dict(process))
+        added += 1
+    return added
+
+
+def unattributed_on_gpus(ctx: spaces.Context, inventory: nvml.Inventory
+                         ) -> set[tuple[str, int]] | None:
+    """Return (GPU UUID, pid) of the GPU processes of no Space; None when Podman cannot say."""
+    if ctx.runtime is None:
+        return None
+    try:
+        _, unattributed = attribute_by_gpu(ctx, inventory)
+    except ApplianceError:
+        return None
+    return {(process["gpu_uuid"], process["pid"]) for process in unattributed}
+
+
 def _stamp(now: float) -> str:
     return datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds")
 
@@ -159,6 +198,7 @@ def enforce_once(ctx: spaces.Context, inventory: nvml.Inventory | None = None,
     if not inventory.available:
         return report  # nothing can be measured: no Space is judged on a missing reading
     report.attributed, report.unattributed = attribute_processes(ctx, inventory)
+    record_unattributed(ctx, report.unattributed)
     budgets = {row["space_id"]: row["memory_mib"] for row in ctx.store.allocations()
                if row["kind"] == "shared" and row["memory_mib"]}
     for row in ctx.store.list_spaces():

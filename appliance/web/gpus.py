@@ -9,7 +9,7 @@ from typing import Any
 from flask import Blueprint, Flask, Response, render_template
 
 from ..core import spaces
-from ..gpu import claims, telemetry
+from ..gpu import claims, telemetry, watchdog
 from .base import context, may_see, require
 
 bp = Blueprint("gpus", __name__)
@@ -36,7 +36,9 @@ def sparkline(values: list[float | None], ceiling: float | None = None) -> str:
 @require("read")
 def gpus_page():
     ctx = context()
-    view = claims.inventory_view(ctx)
+    inventory = ctx.read_inventory()
+    view = claims.inventory_view(ctx, inventory)
+    strangers = watchdog.unattributed_on_gpus(ctx, inventory) or set()
     charts = {}
     for card in view["gpus"]:
         rows = telemetry.history(ctx, card["uuid"], hours=CHART_HOURS)
@@ -47,7 +49,8 @@ def gpus_page():
     allocations = [a for a in view["allocations"]
                    if may_see(spaces.describe(ctx, a["space_id"]))]
     return render_template("gpus.html", view=view, charts=charts, allocations=allocations,
-                           hours=CHART_HOURS, width=CHART_WIDTH, height=CHART_HEIGHT)
+                           strangers=strangers, hours=CHART_HOURS, width=CHART_WIDTH,
+                           height=CHART_HEIGHT)
 
 
 def space_gpu_usage(ctx: spaces.Context, space_id: str) -> dict[str, Any] | None:
@@ -55,8 +58,8 @@ def space_gpu_usage(ctx: spaces.Context, space_id: str) -> dict[str, Any] | None
     rows = telemetry.usage(ctx, space_id, hours=CHART_HOURS)
     if not rows:
         return None
-    return {"last_mib": rows[-1]["memory_used_mib"],
-            "chart": sparkline([r["memory_used_mib"] for r in rows])}
+    now = telemetry.current_mib(ctx, ctx.store.get_space(space_id), hours=CHART_HOURS)
+    return {"last_mib": now, "chart": sparkline([r["memory_used_mib"] for r in rows])}
 
 
 # -- Prometheus -------------------------------------------------------------------------------
@@ -115,10 +118,10 @@ def metrics_text(ctx: spaces.Context) -> str:
             samples["appliance_space_gpu_memory_allocated_bytes"].append(
                 f"{_labels(space=allocation['space_id'])} {allocation['memory_mib'] * MIB}")
     for space in listed:
-        usage = telemetry.usage(ctx, space["id"], hours=0.1)
-        if usage and usage[-1]["memory_used_mib"] is not None:
+        used = telemetry.current_mib(ctx, space)
+        if used is not None:
             samples["appliance_space_gpu_memory_used_bytes"].append(
-                f"{_labels(space=space['id'])} {_number(usage[-1]['memory_used_mib'] * MIB)}")
+                f"{_labels(space=space['id'])} {_number(used * MIB)}")
         serving = int(space["stage"] in spaces.SERVING)
         samples["appliance_space_up"].append(f"{_labels(space=space['id'])} {serving}")
     for stage, count in sorted(Counter(s["stage"] for s in listed).items()):

@@ -2,9 +2,11 @@
  *
  * Build: gcc -shared -fPIC -o DIR/libnvidia-ml.so.1 fake_nvml.c
  * Only the symbols appliance/gpu/nvml.py reaches through nvidia-ml-py are exported; the config
- * format is in README.md beside this file. Return codes and buffer-size rules follow the
- * NVML reference (docs.nvidia.com/deploy/nvml-api).
+ * format is in README.md beside this file. -DFAKE_NVML_NO_V3 (and _NO_V2, _NO_V1) leave out
+ * that version of the process-list calls, as an older driver does. Return codes and
+ * buffer-size rules follow the NVML reference (docs.nvidia.com/deploy/nvml-api).
  */
+#define _GNU_SOURCE /* fmemopen */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -15,6 +17,7 @@ typedef int nvmlReturn_t;
 #define NVML_ERROR_UNINITIALIZED 1
 #define NVML_ERROR_INVALID_ARGUMENT 2
 #define NVML_ERROR_NOT_SUPPORTED 3
+#define NVML_ERROR_NO_PERMISSION 4
 #define NVML_ERROR_NOT_FOUND 6
 #define NVML_ERROR_INSUFFICIENT_SIZE 7
 #define NVML_ERROR_DRIVER_NOT_LOADED 9
@@ -67,7 +70,8 @@ struct gpu {
     long long mig; /* -1: not MIG capable, 0: disabled, 1: enabled */
 };
 struct mig { int present; char uuid[TEXT]; long long mem_total, mem_used; };
-struct proc { int gpu; unsigned pid; long long used_mib; };
+/* kind: 0 compute, 1 graphics, 2 MPS client; mig: the MIG device it runs on, or -1. */
+struct proc { int gpu, mig, kind; unsigned pid; long long used_mib; };
 struct fault { char function[64]; int gpu; int code; };
 
 static struct {
@@ -96,7 +100,11 @@ typedef struct {
     unsigned int pid;
     unsigned long long usedGpuMemory;
     unsigned int gpuInstanceId, computeInstanceId;
-} nvmlProcessInfo_t;
+} nvmlProcessInfo_t; /* nvmlProcessInfo_v2_t: the _v2 and _v3 calls */
+typedef struct {
+    unsigned int pid;
+    unsigned long long usedGpuMemory;
+} nvmlProcessInfo_v1_t; /* the original calls */
 
 static int parse_code(const char *text) {
     for (int i = 0; i < NCODES; i++)
@@ -147,11 +155,8 @@ static int bad(const char *path, int line, const char *why) {
     return NVML_ERROR_UNKNOWN;
 }
 
-/* Read the config afresh: NVML_SUCCESS, DRIVER_NOT_LOADED when it is missing, or UNKNOWN. */
-static nvmlReturn_t load_config(void) {
-    const char *path = getenv("FAKE_NVML_CONFIG");
-    FILE *file = path ? fopen(path, "r") : NULL;
-    if (!file) return NVML_ERROR_DRIVER_NOT_LOADED;
+/* Parse the config text in file (config path for messages): NVML_SUCCESS or UNKNOWN. */
+static nvmlReturn_t parse_config(FILE *file, const char *path) {
     memset(&cfg, 0, sizeof cfg);
     cfg.cuda = -1;
     char line[4096];
@@ -204,7 +209,15 @@ static nvmlReturn_t load_config(void) {
                 break;
             }
             struct proc *p = &cfg.procs[cfg.nprocs++];
+            const char *kind = value_of(w, n, "type");
             p->gpu = (int)number(w, n, "gpu", 0);
+            p->mig = (int)number(w, n, "mig", -1);
+            p->kind = !kind || strcmp(kind, "compute") == 0 ? 0
+                : strcmp(kind, "graphics") == 0 ? 1 : strcmp(kind, "mps") == 0 ? 2 : -1;
+            if (p->kind < 0) {
+                status = bad(path, lineno, "process type= is compute, graphics or mps");
+                break;
+            }
             p->pid = (unsigned)number(w, n, "pid", 0);
             p->used_mib = number(w, n, "used_mib", -1);
         } else if (strcmp(w[0], "error") == 0 && n >= 3) {
@@ -221,7 +234,6 @@ static nvmlReturn_t load_config(void) {
             status = bad(path, lineno, "unknown line");
         }
     }
-    fclose(file);
     for (int i = 0; i < cfg.ngpus; i++) { /* defaults, once `jetson` may have been seen */
         struct gpu *g = &cfg.gpus[i];
         if (!g->name[0]) copy(g->name, cfg.jetson ? "Orin (nvgpu)" : "NVIDIA Fake GPU");
@@ -230,6 +242,41 @@ static nvmlReturn_t load_config(void) {
     }
     for (int g = 0; g < MAX_GPUS; g++)
         for (int m = 0; m <= MAX_MIGS; m++) handles[g][m] = (struct nvmlDevice_st){g, m - 1};
+    return status;
+}
+
+/* The config text last parsed: a call re-reads the file and parses it again only when it
+ * changed, so a test can change the GPUs under one NVML session, as a real box does. */
+static char *parsed;
+static size_t parsed_length;
+
+/* Read the config (afresh with force): NVML_SUCCESS, DRIVER_NOT_LOADED when the file is
+ * missing, or UNKNOWN when a line is not understood. */
+static nvmlReturn_t load_config(int force) {
+    const char *path = getenv("FAKE_NVML_CONFIG");
+    FILE *file = path ? fopen(path, "r") : NULL;
+    if (!file) return NVML_ERROR_DRIVER_NOT_LOADED;
+    size_t length = 0, room = 4096;
+    char *text = malloc(room + 1);
+    size_t got;
+    while (text && (got = fread(text + length, 1, room - length, file)) > 0) {
+        length += got;
+        if (length == room) text = realloc(text, (room *= 2) + 1);
+    }
+    fclose(file);
+    if (!text) return NVML_ERROR_UNKNOWN;
+    text[length] = '\0';
+    if (!force && parsed && length == parsed_length && memcmp(text, parsed, length) == 0) {
+        free(text);
+        return NVML_SUCCESS;
+    }
+    FILE *memory = fmemopen(text, length + 1, "r");
+    nvmlReturn_t status = memory ? parse_config(memory, path) : NVML_ERROR_UNKNOWN;
+    if (memory) fclose(memory);
+    free(parsed);
+    parsed = status == NVML_SUCCESS ? text : NULL;
+    parsed_length = status == NVML_SUCCESS ? length : 0;
+    if (status != NVML_SUCCESS) free(text);
     return status;
 }
 
@@ -245,12 +292,16 @@ static nvmlReturn_t injected(const char *function, int gpu) {
 }
 
 static nvmlReturn_t enter(const char *function, int gpu) {
-    return refcount == 0 ? NVML_ERROR_UNINITIALIZED : injected(function, gpu);
+    if (refcount == 0) return NVML_ERROR_UNINITIALIZED;
+    nvmlReturn_t ret = load_config(0);
+    return ret ? ret : injected(function, gpu);
 }
 
 /* Check a device handle and the injected errors; give back the GPU and MIG slot (or -1). */
 static nvmlReturn_t enter_device(const char *function, nvmlDevice_t device, int *gpu, int *mig) {
     if (refcount == 0) return NVML_ERROR_UNINITIALIZED;
+    nvmlReturn_t loaded = load_config(0);
+    if (loaded) return loaded;
     char *p = (char *)device, *start = (char *)handles;
     if (!device || p < start || p >= start + sizeof handles) return NVML_ERROR_INVALID_ARGUMENT;
     if (device->gpu >= cfg.ngpus) return NVML_ERROR_INVALID_ARGUMENT;
@@ -269,7 +320,7 @@ static nvmlReturn_t put_text(char *to, unsigned int length, const char *text) {
 }
 
 static nvmlReturn_t init(const char *function) {
-    nvmlReturn_t ret = load_config();
+    nvmlReturn_t ret = load_config(1);
     if (ret == NVML_SUCCESS) ret = injected(function, -1);
     if (ret == NVML_SUCCESS) refcount++;
     return ret;
@@ -458,15 +509,23 @@ nvmlReturn_t nvmlDeviceGetMigDeviceHandleByIndex(nvmlDevice_t device, unsigned i
 }
 
 /* On entry *count is the room in infos; NVML sets it to the number of processes and answers
- * INSUFFICIENT_SIZE when they do not fit (infos may be NULL to ask for the count). */
-static nvmlReturn_t processes(const char *function, nvmlDevice_t device, unsigned int *count,
-                              nvmlProcessInfo_t *infos) {
+ * INSUFFICIENT_SIZE when they do not fit (infos may be NULL to ask for the count). A MIG
+ * device lists its own processes; its parent, in MIG mode, lists none to a user who is not
+ * root (the appliance's service account), as the real library does. v1 fills the shorter
+ * nvmlProcessInfo_v1_t. */
+__attribute__((unused))
+static nvmlReturn_t processes(const char *function, int kind, int v1, nvmlDevice_t device,
+                              unsigned int *count, void *infos) {
     int g, m;
     nvmlReturn_t ret = enter_device(function, device, &g, &m);
     if (ret) return ret;
     if (!count) return NVML_ERROR_INVALID_ARGUMENT;
+    if (m < 0 && cfg.gpus[g].mig == 1) return NVML_ERROR_NO_PERMISSION;
     unsigned int n = 0;
-    for (int i = 0; i < cfg.nprocs; i++) n += cfg.procs[i].gpu == g;
+    for (int i = 0; i < cfg.nprocs; i++) {
+        struct proc *p = &cfg.procs[i];
+        n += p->gpu == g && p->kind == kind && (m < 0 || p->mig == m);
+    }
     if (*count < n) {
         *count = n;
         return NVML_ERROR_INSUFFICIENT_SIZE;
@@ -475,18 +534,43 @@ static nvmlReturn_t processes(const char *function, nvmlDevice_t device, unsigne
     unsigned int k = 0;
     for (int i = 0; i < cfg.nprocs; i++) {
         struct proc *p = &cfg.procs[i];
-        if (p->gpu != g) continue;
-        infos[k].pid = p->pid;
-        infos[k].usedGpuMemory =
+        if (p->gpu != g || p->kind != kind || (m >= 0 && p->mig != m)) continue;
+        unsigned long long used =
             p->used_mib < 0 ? NOT_AVAILABLE_ULL : (unsigned long long)p->used_mib * MIB;
-        infos[k].gpuInstanceId = infos[k].computeInstanceId = 0xFFFFFFFFu;
+        if (v1) {
+            nvmlProcessInfo_v1_t *info = (nvmlProcessInfo_v1_t *)infos + k;
+            info->pid = p->pid;
+            info->usedGpuMemory = used;
+        } else {
+            nvmlProcessInfo_t *info = (nvmlProcessInfo_t *)infos + k;
+            info->pid = p->pid;
+            info->usedGpuMemory = used;
+            info->gpuInstanceId = info->computeInstanceId =
+                p->mig < 0 ? 0xFFFFFFFFu : (unsigned)p->mig;
+        }
         k++;
     }
     *count = n;
     return NVML_SUCCESS;
 }
 
-nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v3(nvmlDevice_t device, unsigned int *count,
-                                                     nvmlProcessInfo_t *infos) {
-    return processes("nvmlDeviceGetComputeRunningProcesses_v3", device, count, infos);
-}
+#define PROCESS_CALL(NAME, KIND, V1)                                                        \
+    nvmlReturn_t NAME(nvmlDevice_t device, unsigned int *count, void *infos) {               \
+        return processes(#NAME, KIND, V1, device, count, infos);                             \
+    }
+
+#ifndef FAKE_NVML_NO_V3
+PROCESS_CALL(nvmlDeviceGetComputeRunningProcesses_v3, 0, 0)
+PROCESS_CALL(nvmlDeviceGetGraphicsRunningProcesses_v3, 1, 0)
+PROCESS_CALL(nvmlDeviceGetMPSComputeRunningProcesses_v3, 2, 0)
+#endif
+#ifndef FAKE_NVML_NO_V2
+PROCESS_CALL(nvmlDeviceGetComputeRunningProcesses_v2, 0, 0)
+PROCESS_CALL(nvmlDeviceGetGraphicsRunningProcesses_v2, 1, 0)
+PROCESS_CALL(nvmlDeviceGetMPSComputeRunningProcesses_v2, 2, 0)
+#endif
+#ifndef FAKE_NVML_NO_V1
+PROCESS_CALL(nvmlDeviceGetComputeRunningProcesses, 0, 1)
+PROCESS_CALL(nvmlDeviceGetGraphicsRunningProcesses, 1, 1)
+PROCESS_CALL(nvmlDeviceGetMPSComputeRunningProcesses, 2, 1)
+#endif
