@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import random
 import shutil
+import socket
 import subprocess
 import uuid
 from pathlib import Path
@@ -47,17 +50,72 @@ def commit(path: Path, files: dict[str, str | None], message: str, date: str | N
     return git(path, "rev-parse", "HEAD")
 
 
-def wait_for(predicate, timeout: float, what: str):
-    """Poll predicate until it returns something true (returned), or fail saying what."""
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
+    """Poll predicate until it returns something true (returned), or fail saying what.
+
+    The timeout is a liveness bound, not a measurement: give it ten times what the wait
+    usually takes, so a slow machine never fails a test that a broken one would.
+    """
     import time
 
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while True:
         value = predicate()
         if value:
             return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+# Ports the tests hand out to servers they start: below the kernel's ephemeral range
+# (32768-60999, where bind-to-0 and outgoing connections land) and clear of the appliance's
+# own port_range (17000-17999 by default; appliance_env uses 17100-17899), so a port picked
+# here is not taken a moment later by a connection or a Space.
+TEST_PORTS = range(20000, 30000)
+_handed_out: set[int] = set()
+_pick = random.Random(os.getpid())
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port in TEST_PORTS that nothing is bound to now and this run never handed out.
+
+    The port is free when returned, not reserved: a server that cannot bind it (EADDRINUSE:
+    another program took it since) should ask again; start_on_free_port does that.
+    """
+    for _ in range(500):
+        port = _pick.choice(TEST_PORTS)
+        if port in _handed_out:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    continue
+                raise
+        _handed_out.add(port)
+        return port
+    raise AssertionError(f"no free port in {TEST_PORTS} after 500 tries")
+
+
+def start_on_free_port(start, attempts: int = 5):
+    """Call start(port) on a fresh free port until it does not fail with EADDRINUSE."""
+    for _ in range(attempts - 1):
+        try:
+            return start(free_port())
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+    return start(free_port())
+
+
+def held_port(host: str = "127.0.0.1") -> socket.socket:
+    """A socket bound to a port (never listening) that the caller holds and hands over: no
+    one else can take the port while it is open; connections to it are refused."""
+    sock = socket.socket()
+    sock.bind((host, 0))
+    return sock
 
 
 def as_service(*command: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -70,6 +128,28 @@ def as_service(*command: str, check: bool = True) -> subprocess.CompletedProcess
          f"XDG_RUNTIME_DIR=/run/user/{account.pw_uid}", *command],
         cwd="/", check=check, capture_output=True, text=True,
     )
+
+
+def copy_from_container(name: str, path: str, into: Path) -> Path:
+    """Copy a directory out of the service account's running container into a local one
+    (through tar, so no file on the way needs to be readable by the service account)."""
+    import pwd
+
+    account = pwd.getpwnam(SERVICE_USER)
+    parent, base = path.rstrip("/").rsplit("/", 1)
+    into.mkdir(parents=True, exist_ok=True)
+    pack = subprocess.Popen(
+        ["runuser", "-u", SERVICE_USER, "--", "env", f"HOME={account.pw_dir}",
+         f"XDG_RUNTIME_DIR=/run/user/{account.pw_uid}", "podman", "exec", name,
+         "tar", "-C", parent or "/", "-c", base],
+        cwd="/", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    unpacked = subprocess.run(["tar", "-x", "-C", str(into)], stdin=pack.stdout,
+                              capture_output=True, text=True)
+    pack.stdout.close()
+    error = pack.stderr.read().decode(errors="replace")
+    assert pack.wait() == 0 and unpacked.returncode == 0, \
+        f"copying {path} out of {name} failed: {error}{unpacked.stderr}"
+    return into / base
 
 
 @pytest.fixture(scope="session")
@@ -160,6 +240,18 @@ def fake_cuda(tmp_path_factory) -> Path:
     """Compile the fake libcuda.so.1 once (a directory of its own); return that directory."""
     return _compile_library(FAKE_CUDA_SOURCE, tmp_path_factory.mktemp("fake-cuda"),
                             "libcuda.so.1")
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """List every skipped test with its reason, so a skip is seen, not only counted."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    if not skipped:
+        return
+    terminalreporter.section(f"{len(skipped)} skipped, and why")
+    for report in skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(
+            report.longrepr)
+        terminalreporter.write_line(f"{report.nodeid}: {reason.removeprefix('Skipped: ')}")
 
 
 os.environ.setdefault("APPLIANCE_CONFIG_FILE", "/nonexistent/appliance.toml")

@@ -14,7 +14,6 @@ import pwd
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import make_space_repo, wait_for
+from conftest import free_port, make_space_repo, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 ANSIBLE = REPO / "ansible"
@@ -40,11 +39,6 @@ def sh(*args: str, **kwargs) -> subprocess.CompletedProcess:
     assert result.returncode == 0, f"{args}: {result.stdout}{result.stderr}"
     return result
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def require_prerequisites() -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import requests
@@ -100,22 +102,59 @@ def test_start_revives_a_space_whose_container_and_router_died(appliance_env):
     spaces.delete(ctx, "team/revive")
 
 
-def test_runtime_starts_the_podman_api_service_when_it_is_gone(podman_ready):
-    import subprocess
+def podman_service_pids(url: str) -> list[int]:
+    """PIDs of `podman system service --time=0 URL` processes, read from /proc (exactly that
+    command line: no other process, and no other socket's service, is matched)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")[:-1]
+        except OSError:
+            continue
+        if len(argv) == 5 and os.path.basename(argv[0]) == b"podman" and \
+                argv[1:] == [b"system", b"service", b"--time=0", url.encode()]:
+            found.append(int(entry.name))
+    return found
 
+
+def exited(pid: int) -> bool:
+    """Gone, or a zombie (exited, not yet reaped by its parent)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def answers(socket_path: str) -> bool:
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(socket_path)
+        except OSError:
+            return False
+    return True
+
+
+def test_runtime_starts_the_podman_api_service_when_it_is_gone(podman_ready):
     from appliance.adapters.runtime import Runtime
     from appliance.config import load_config
 
     config = load_config({})
-    socket_path = config.podman_socket_url[len("unix://"):]
-    subprocess.run(["pkill", "-f", f"podman system service --time=0 unix://{socket_path}"],
-                   check=False)
-    wait_for(lambda: subprocess.run(["pgrep", "-f", f"system service --time=0 unix://{socket_path}"],
-                                    capture_output=True).returncode != 0, 10, "the service to stop")
+    url = config.podman_socket_url
+    socket_path = url[len("unix://"):]
+    pids = podman_service_pids(url)
+    assert pids, f"podman_ready reached {url}, yet no service process serves it"
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    # What matters: those processes are gone and nothing answers on the socket any more.
+    wait_for(lambda: all(map(exited, pids)), 30, f"the Podman service ({pids}) to exit")
+    wait_for(lambda: not answers(socket_path), 30, f"{socket_path} to stop answering")
     with pytest.raises(Exception, match="Cannot reach Podman"):
         Runtime(config.with_values(podman_autostart=False)).info()
     info = Runtime(config).info()
     assert info["rootless"] is True and info["version"]
+    assert podman_service_pids(url), "the runtime's own service is not running"
 
 
 def test_killing_workers_at_random_points_always_converges(appliance_env):

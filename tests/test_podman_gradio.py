@@ -11,11 +11,12 @@ import time
 import pytest
 import requests
 from click.testing import CliRunner
-from conftest import REPO, as_service, commit, container_env, labelled, make_space_repo
+from conftest import REPO, as_service, commit, container_env, labelled, make_space_repo, wait_for
 
-from appliance import stages
+from appliance import stages, users
 from appliance.cli.main import cli
 from appliance.core import spaces
+from appliance.web.app import create_app
 
 pytestmark = pytest.mark.podman
 SPACE = "team/hello"
@@ -26,6 +27,9 @@ SECRET_VALUE = "s3cr3t-planted-7f9c"
 def space(appliance_env):
     ctx, sources_dir = appliance_env
     files = {p.name: p.read_text() for p in (REPO / "examples" / "hello-gradio").iterdir()}
+    # The app prints its secret at start, as careless apps do: the logs must not show it.
+    files["app.py"] = ("import os\n\nprint('API_TOKEN is', os.environ.get('API_TOKEN'), "
+                       "flush=True)\n" + files["app.py"])
     repo = make_space_repo(sources_dir / "hello", files)
     return ctx, repo
 
@@ -201,8 +205,48 @@ def test_secret_reaches_the_app_but_no_log_view_or_event(space):
         result = runner.invoke(cli, args, obj={"ctx": ctx})
         assert result.exit_code == 0, result.output
         assert SECRET_VALUE not in result.output
+    # The app printed the secret at start: each view of its run log shows the marker instead.
+    printed = "API_TOKEN is ***"
+
+    def cli_run_log() -> str:
+        result = runner.invoke(cli, ["spaces", "logs", SPACE], obj={"ctx": ctx})
+        assert result.exit_code == 0, result.output
+        return result.output if printed in result.output else ""
+
+    outputs = {"appliance spaces logs": wait_for(cli_run_log, 60, "the app's first line")}
+    users.add_user(ctx.store, "auditor", "admin", "a long enough password", "test")
+    _, token = users.create_token(ctx.store, "audit", "auditor", "read", "test")
+    client = create_app(ctx.config).test_client()
+    headers = {"Authorization": f"Bearer {token}"}
+    for kind in ("run", "build"):
+        response = client.get(f"/api/v1/spaces/{SPACE}/logs?kind={kind}", headers=headers)
+        assert response.status_code == 200, response.text
+        outputs[f"API logs ({kind})"] = "\n".join(response.json["lines"])
+    for url in (f"/spaces/{SPACE}/logs/stream?kind=run", f"/api/spaces/{SPACE}/logs/run",
+                f"/spaces/{SPACE}/logs/stream?kind=build", f"/api/spaces/{SPACE}/logs/build"):
+        outputs[url] = read_stream(client, url, headers, until=printed if "run" in url else "")
     for path in ctx.config.data_path.rglob("*.log"):
-        assert SECRET_VALUE not in path.read_text(errors="replace")
+        outputs[str(path)] = path.read_text(errors="replace")
+    for where, text in outputs.items():
+        assert SECRET_VALUE not in text, f"{where} shows the secret"
+    for where in ("appliance spaces logs", "API logs (run)",
+                  f"/spaces/{SPACE}/logs/stream?kind=run", f"/api/spaces/{SPACE}/logs/run"):
+        assert printed in outputs[where], f"{where} lacks the redacted line:\n{outputs[where]}"
+
+
+def read_stream(client, url: str, headers: dict, until: str) -> str:
+    """Read an event stream until a chunk holds `until` (the whole stream when empty)."""
+    response = client.get(url, headers=headers, buffered=False)
+    assert response.status_code == 200, url
+    text = ""
+    try:
+        for chunk in response.response:
+            text += chunk.decode(errors="replace") if isinstance(chunk, bytes) else chunk
+            if until and until in text.replace('\\"', '"'):
+                break
+    finally:
+        response.close()
+    return text
 
 
 def test_stop_start_and_pause(space):

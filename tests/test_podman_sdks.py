@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 from click.testing import CliRunner
-from conftest import as_service, commit, labelled, make_space_repo
+from conftest import as_service, commit, labelled, make_space_repo, wait_for
 
 from appliance import stages
 from appliance.cli.main import cli
@@ -45,13 +45,13 @@ ARG MODE=unset
 RUN --mount=type=secret,id=BUILD_TOKEN,mode=0444 \\
     test "$(sha256sum < /run/secrets/BUILD_TOKEN | cut -c1-64)" = \\
     "4ec063d72f94f85b02b3f2576d7f88a9435a8c0573a79c9b9565dbd3f8a1d8cb" \\
-    && echo "build secret is there"
+    && echo "build secret is there: $(cat /run/secrets/BUILD_TOKEN)"
 RUN echo "mode=$MODE" > /build-mode.txt
 RUN useradd -m -u 1000 user
 USER user
 WORKDIR /home/user/app
 COPY --chown=user . .
-CMD ["python3", "-m", "http.server", "8080"]
+CMD ["sh", "-c", "echo \\"token at start: $BUILD_TOKEN\\"; exec python3 -m http.server 8080"]
 """
 
 
@@ -90,8 +90,16 @@ def test_docker_space_gets_build_args_and_secrets_not_baked_in(appliance_env):
     row = ctx.store.get_space("team/docker")
     assert "mode=production" in as_service("podman", "exec", row["container"], "cat",
                                            "/build-mode.txt").stdout
+    # The build step and the app both print the secret: every log shows the marker instead.
     log = spaces.build_log_path(ctx, "team/docker").read_text()
-    assert "build secret is there" in log and "tok-9d1e-planted" not in log
+    assert "build secret is there: ***" in log and "tok-9d1e-planted" not in log
+    run_log = wait_for(lambda: (text := spaces.app_log(ctx, "team/docker", tail=200))
+                       and "token at start:" in text and text, 60, "the app's first line")
+    assert "token at start: ***" in run_log and "tok-9d1e-planted" not in run_log
+    for args in (["spaces", "logs", "team/docker"], ["spaces", "logs", "team/docker", "--build"]):
+        result = CliRunner().invoke(cli, args, obj={"ctx": ctx})
+        assert result.exit_code == 0, result.output
+        assert "***" in result.output and "tok-9d1e-planted" not in result.output
     history = as_service("podman", "history", "--no-trunc", row["image"]).stdout
     inspect = as_service("podman", "image", "inspect", row["image"]).stdout
     assert "tok-9d1e-planted" not in history + inspect

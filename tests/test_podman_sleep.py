@@ -8,9 +8,10 @@ import time
 
 import pytest
 import requests
-from conftest import labelled, make_space_repo
+from conftest import labelled, make_space_repo, wait_for
 
 from appliance import stages
+from appliance.adapters import router
 from appliance.core import jobs, spaces
 from appliance.upkeep import sleep
 
@@ -81,7 +82,13 @@ def test_paused_space_never_wakes_by_itself(appliance_env):
     spaces.stop(ctx, "zz/paused", pause=True)
     page = requests.get(f"http://127.0.0.1:{port}/", timeout=5)
     assert page.status_code == 503 and "not running" in page.text
-    time.sleep(2.5)  # longer than the router's flush interval: a wake would be recorded by now
+    # A wake is recorded at the router's next pass, before it next writes its state file:
+    # two state writes after the answer, and a wake would be in the store by now.
+    answered = time.time()
+    first = wait_for(lambda: router.read_state(ctx.config).get("at", 0) > answered and
+                     router.read_state(ctx.config)["at"], 30, "the router's next pass")
+    wait_for(lambda: router.read_state(ctx.config).get("at", 0) > first, 30,
+             "the router's pass after that")
     assert ctx.store.get_space("zz/paused")["wake_requested_at"] is None
     assert sleep.wake_once(ctx, spawn=inline).woken == []
     assert spaces.describe(ctx, "zz/paused")["stage"] == stages.PAUSED

@@ -309,8 +309,8 @@ def test_api_visibility_and_events(app):
     assert events[0]["kind"] == "visibility" and events[0]["actor"] == "token:admin"
 
 
-def test_openapi_document_matches_the_routes():
-    app = create_app(load_config({}, data_dir="/tmp/appliance-openapi-test"))
+def test_openapi_document_matches_the_routes(tmp_path):
+    app = create_app(load_config({}, data_dir=str(tmp_path)))
     documented = {(path, method.upper()) for path, ops in
                   api.openapi_document()["paths"].items() for method in ops}
     served = {(api.openapi_path(rule.rule), method) for rule in app.url_map.iter_rules()
@@ -325,7 +325,8 @@ def test_openapi_document_matches_the_routes():
 SAMPLES = {"owner": "alice", "name": "public", "action": "restart", "kind": "variables",
            "key": "KEY", "token_id": "1", "what": "visibility", "path": "x"}
 OPEN = {"/login", "/setup", "/logout"}  # open to visitors by design (CSRF still applies)
-SESSION_ONLY = {"/account/tokens", "/account/tokens/1/revoke"}  # no token acts here at all
+SESSION_ONLY = {"/account/tokens", "/account/tokens/1/revoke",  # no token acts here at all
+                "/account/password"}
 
 
 def mutating_urls(app) -> list[tuple[str, str]]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import REPO, make_space_repo
+from conftest import REPO, free_port, make_space_repo
 from huggingface_hub import HfApi
 from huggingface_hub.errors import (
     BadRequestError,
@@ -37,11 +36,6 @@ from appliance.web.hf import hardware_request
 SECRET = "s3cr3t-value-never-shown-4711"
 PASSWORD = "correct horse battery"
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextmanager
