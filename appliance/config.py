@@ -68,7 +68,13 @@ SETTINGS: tuple[Setting, ...] = (
         "",
         "Colon-separated directories that local-path sources may come from; empty refuses them.",
     ),
-    Setting("max_checkout_mb", 2048, "Largest checkout (working tree) accepted, in MiB.", int),
+    Setting("max_checkout_mb", 2048,
+            "Largest checkout (working tree) accepted, in MiB; checked against the sizes git "
+            "announces before a file is written.", int),
+    Setting("source_hosts", "",
+            "Comma-separated hosts remote git sources may come from (exact names, or "
+            "*.example.com for any name under it); empty: any host. hf:// sources fetch from "
+            "hf_endpoint's host."),
     Setting("git_timeout", 600, "Seconds a git fetch may take.", int),
     Setting("hf_endpoint", "https://huggingface.co", "Where hf://spaces/owner/name resolves."),
     Setting("bundle_hub_cache", "",

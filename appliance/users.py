@@ -1,4 +1,9 @@
-"""Portal users and API tokens: scrypt password hashes, hashed scoped tokens, login limits."""
+"""Portal users and API tokens: scrypt password hashes, hashed scoped tokens, login limits,
+and the server-side sessions behind the portal's login cookie.
+
+A session id is random and only its sha256 is stored; a new password or role, or deleting
+the user, ends every session the user has (the CLI's `users` commands come through here too).
+"""
 
 from __future__ import annotations
 
@@ -86,6 +91,8 @@ def add_user(store: Store, name: str, role: str, password: str, actor: str,
     validate_name(name)
     if role not in ROLES:
         raise InvalidInput(f"Role {role!r} is not one of {', '.join(ROLES)}")
+    if not isinstance(password, str):
+        raise InvalidInput("The password must be a string")
     if len(password) < MIN_PASSWORD:
         raise InvalidInput(f"The password is shorter than {MIN_PASSWORD} characters")
     existing = store.find_user(name)
@@ -103,6 +110,17 @@ def public_user(store: Store, name: str) -> dict[str, Any]:
     if row is None:
         raise NotFound(f"No user named {name}")
     return {k: row[k] for k in ("name", "role", "created_at", "last_login_at")}
+
+
+def change_password(store: Store, name: str, current: str, new: str, actor: str) -> None:
+    """Change a user's own password (the current one is asked); end all their sessions."""
+    row = store.find_user(name)
+    if row is None or not check_password(current if isinstance(current, str) else "",
+                                         row["password_hash"]):
+        raise Unauthorized("The current password is wrong", hint="type it again")
+    if not isinstance(new, str) or len(new) < MIN_PASSWORD:
+        raise InvalidInput(f"The new password is shorter than {MIN_PASSWORD} characters")
+    store.set_password_hash(name, hash_password(new), actor)
 
 
 def delete_user(store: Store, name: str, actor: str) -> None:
@@ -158,6 +176,30 @@ def caller_for_token(store: Store, token: str) -> Caller:
 
 
 def caller_for_user(store: Store, name: str) -> Caller | None:
-    """Re-read a logged-in user (deleted or demoted users lose their powers at once)."""
+    """Re-read a user (deleted or demoted users lose their powers at once)."""
     row = store.find_user(name)
     return Caller(row["name"], row["role"], "write", "session") if row else None
+
+
+def start_session(store: Store, name: str, hours: float, now: float | None = None) -> str:
+    """Open a login session for a user; return its id (for the cookie: only its hash is kept)."""
+    session_id = secrets.token_urlsafe(32)
+    at = time.time() if now is None else now
+    store.add_session(_token_hash(session_id), name, at + hours * 3600)
+    return session_id
+
+
+def caller_for_session(store: Store, session_id: Any, now: float | None = None
+                       ) -> Caller | None:
+    """The user of a live session; None once it was ended (logout, new password or role,
+    user deleted) or expired, or for anything that is not a session id."""
+    if not isinstance(session_id, str) or not session_id or len(session_id) > 200:
+        return None
+    row = store.session_user(_token_hash(session_id), time.time() if now is None else now)
+    return Caller(row["name"], row["role"], "write", "session") if row else None
+
+
+def end_session(store: Store, session_id: Any) -> None:
+    """End one session (logging out); unknown ids are ignored."""
+    if isinstance(session_id, str) and session_id:
+        store.end_session(_token_hash(session_id))

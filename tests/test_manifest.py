@@ -668,3 +668,26 @@ def test_manifest_stored_as_json_round_trips_with_emoji_and_versions():
     again = parse_manifest("---\n" + stored + "\n---\n")
     assert again.to_dict() == original.to_dict()
     assert again.emoji == "👋" and again.python_version == "3.10"
+
+
+@pytest.mark.parametrize("shape", ["never closed", "closed at the end", "one long line"])
+def test_a_ten_megabyte_readme_is_too_large_not_unclosed(tmp_path, shape):
+    checkout = tmp_path / "space"
+    checkout.mkdir()
+    (checkout / "app.py").write_text("print('hi')\n")
+    ten_mb = 10 * 2**20
+    head = "---\nsdk: gradio\n"
+    body = {"never closed": "tags: [x]\n" * (ten_mb // 10),
+            "closed at the end": "tags: [x]\n" * (ten_mb // 10) + "---\n# body\n",
+            "one long line": "title: " + "x" * ten_mb + "\n"}[shape]
+    (checkout / "README.md").write_text(head + body)
+    assert (checkout / "README.md").stat().st_size > ten_mb
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(checkout)
+    assert caught.value.message == (
+        "README.md front matter is too large: it does not end within the first 1 MiB of the file"
+    )
+    assert "closing" not in caught.value.message
+    assert caught.value.hint == (
+        "Keep the YAML block at the top of README.md short and end it with a '---' line")
+    assert caught.value.stage == "CONFIG_ERROR"

@@ -1,4 +1,5 @@
-"""An offline Space (HF_HUB_OFFLINE=1, as a bundle import sets it) runs on an internal network
+"""An offline Space (one imported from a bundle: its source is the appliance's copy of the
+bundled repository, under <data_dir>/repos, as bundle import records it) runs on an internal network
 of its own: it answers on its published 127.0.0.1 port, yet cannot open a connection to
 anything outside nor to another offline Space, while a normal Space's container can (through
 slirp4netns) reach a listener on the host's own non-loopback address. Deleting the Space
@@ -83,11 +84,18 @@ def listener():
     server.close()
 
 
-def _deploy(ctx, sources_dir, space_id: str, offline: bool) -> tuple[str, str]:
-    repo = make_space_repo(sources_dir / space_id.replace("/", "-"), FILES)
-    spaces.add_space(ctx, str(repo), name=space_id)
+def _add(ctx, sources_dir, space_id: str, offline: bool) -> None:
+    """Add a Space; an offline one the way bundle import does (HF_HUB_OFFLINE alone is not
+    enough: a member can set that)."""
+    where = ctx.config.imported_repos_path if offline else sources_dir
+    repo = make_space_repo(where / space_id.replace("/", "-"), FILES)
+    spaces.add_space(ctx, str(repo), name=space_id, from_bundle=offline)
     if offline:
         spaces.set_value(ctx, "variables", space_id, "HF_HUB_OFFLINE", "1")
+
+
+def _deploy(ctx, sources_dir, space_id: str, offline: bool) -> tuple[str, str]:
+    _add(ctx, sources_dir, space_id, offline)
     view = spaces.deploy(ctx, space_id)
     assert view["stage"] == stages.RUNNING, view["error"]
     assert requests.get(view["url"] + "v.txt", timeout=5).text.strip() == "hello"
@@ -197,9 +205,7 @@ def test_an_offline_space_refuses_a_network_of_its_name_that_is_not_internal(app
     name = spaces.offline_network("net/leaky")
     as_service("podman", "network", "create", name)  # a way out: not internal
     try:
-        repo = make_space_repo(sources_dir / "net-leaky", FILES)
-        spaces.add_space(ctx, str(repo), name="net/leaky")
-        spaces.set_value(ctx, "variables", "net/leaky", "HF_HUB_OFFLINE", "1")
+        _add(ctx, sources_dir, "net/leaky", offline=True)
         view = spaces.deploy(ctx, "net/leaky")
         assert view["stage"] == stages.RUNTIME_ERROR
         assert view["error"] == (

@@ -545,9 +545,43 @@ def test_fetch_over_size_limit_is_removed_and_refused(repo, tmp_path, cfg):
     dest = tmp_path / "checkout"
     with pytest.raises(SourceError) as caught:
         fetch(parse_source(str(repo), small), dest, None, small)
-    assert caught.value.message == f"Checkout of {repo} is 2.0 MiB, over the 1 MiB limit"
+    assert caught.value.message == (
+        f"Checkout of {repo} would be 2.0 MiB in 3 files, over the 1 MiB limit (largest: "
+        "weights.bin 2.0 MiB); nothing was written")
     assert "APPLIANCE_MAX_CHECKOUT_MB" in caught.value.hint
     assert not dest.exists()
+
+
+def _ran(lines: list[str], op: str) -> list[str]:
+    return [line for line in lines if line.startswith("$ git") and f" {op}" in line]
+
+
+@pytest.mark.parametrize("revision", [None, "main", "full sha", "short sha"])
+def test_a_small_repository_that_expands_past_the_limit_is_refused_before_checkout(
+        revision, repo, tmp_path, cfg):
+    # 3 MiB of zeros: a few KiB on the wire and in .git, 3 MiB once written out.
+    sha = commit(repo, {"zeros.bin": bytes(3 * 2**20), "sub/ok.txt": "fine\n"}, "bomb")
+    revision = {"full sha": sha, "short sha": sha[:10]}.get(revision, revision)
+    small = cfg.with_values(max_checkout_mb=1)
+    dest, lines = tmp_path / "checkout", []
+    with pytest.raises(SourceError) as caught:
+        fetch(parse_source(str(repo), small), dest, revision, small, log=lines.append)
+    assert caught.value.message == (
+        f"Checkout of {repo} would be 3.0 MiB in 4 files, over the 1 MiB limit (largest: "
+        "zeros.bin 3.0 MiB); nothing was written")
+    assert _ran(lines, "ls-tree") and not _ran(lines, "checkout"), lines
+    assert all("--no-checkout" in line for line in _ran(lines, "clone")), lines
+    assert not dest.exists()
+
+
+def test_a_tree_just_under_the_limit_is_checked_out(repo, tmp_path, cfg):
+    commit(repo, {"zeros.bin": bytes(2**20 - 4096)}, "fits")
+    small = cfg.with_values(max_checkout_mb=1)
+    dest, lines = tmp_path / "checkout", []
+    fetch(parse_source(str(repo), small), dest, None, small, log=lines.append)
+    assert (dest / "zeros.bin").stat().st_size == 2**20 - 4096
+    assert git(dest, "symbolic-ref", "HEAD") == "refs/heads/main"
+    assert _ran(lines, "ls-tree") and _ran(lines, "checkout")
 
 
 def test_fetch_lfs_pointers_without_git_lfs_are_refused(repo, tmp_path, cfg, monkeypatch):
@@ -647,69 +681,102 @@ def stand_in_git(tmp_path, monkeypatch, script: str) -> None:
     monkeypatch.setattr(sources, "_GIT", str(path))
 
 
+NETWORK_ANSWERS = [
+    "fatal: unable to access 'https://u:s3cr3tpw@git.lan/o/n/': Could not resolve host: git.lan",
+    "fatal: unable to access 'https://git.lan/o/n/': Failed to connect to git.lan port 443 after "
+    "3 ms: Connection refused",
+    "fatal: unable to access 'https://git.lan/o/n/': Failed to connect to git.lan port 443 after "
+    "130000 ms: Connection timed out",
+    "remote: Repository not found.\nfatal: repository 'https://git.lan/o/n/' not found",
+    "fatal: unable to access 'https://git.lan/o/n/': The requested URL returned error: 404",
+    "fatal: could not read Username for 'https://git.lan': terminal prompts disabled",
+    "fatal: unable to access 'https://git.lan/o/n/': SSL certificate problem: self signed",
+    "fatal: Remote branch dev not found in upstream origin",
+    "fatal: something odd",
+]
+
+
+@pytest.mark.parametrize("said", NETWORK_ANSWERS)
+@pytest.mark.parametrize("revision", [None, "dev"])
+def test_a_remote_fetch_failure_reads_the_same_whatever_the_network_said(
+        said, revision, tmp_path, cfg, monkeypatch, caplog):
+    stand_in_git(tmp_path, monkeypatch, f"cat >&2 <<'EOF'\n{said}\nEOF\nexit 128\n")
+    source = parse_source("https://u:s3cr3tpw@git.lan/o/n", cfg)
+    lines = []
+    with caplog.at_level("INFO", logger="appliance.sources"), \
+            pytest.raises(SourceError) as caught:
+        fetch(source, tmp_path / "checkout", revision, cfg, log=lines.append)
+    at = " at revision 'dev'" if revision else ""
+    assert caught.value.message == f"Could not fetch https://git.lan/o/n{at}"
+    assert caught.value.hint == (
+        f"check the URL{', the revision' if revision else ''} and that this box can reach the "
+        "server (and, for a private repository, the credentials in the URL); an admin finds "
+        "git's own message in the appliance's server log")
+    # What git said reaches the server log only, without the password; the build log a
+    # member reads shows the command, never the answer.
+    last = said.splitlines()[-1].replace("u:s3cr3tpw@", "")
+    assert last in caplog.text and "s3cr3tpw" not in caplog.text
+    assert lines and all(line.startswith("$ git") for line in lines), lines
+    assert "s3cr3tpw" not in "".join(lines)
+
+
+def test_remote_fetch_that_times_out_reads_like_any_other_failure(
+        tmp_path, cfg, monkeypatch, caplog):
+    stand_in_git(tmp_path, monkeypatch, "sleep 30\n")
+    quick = cfg.with_values(git_timeout=1)
+    with caplog.at_level("WARNING", logger="appliance.sources"), \
+            pytest.raises(SourceError) as caught:
+        fetch(parse_source("https://git.lan/o/n", quick), tmp_path / "checkout", None, quick)
+    assert caught.value.message == "Could not fetch https://git.lan/o/n"
+    assert "git clone of https://git.lan/o/n timed out after 1 s" in caplog.text
+
+
 @pytest.mark.parametrize(
     ("said", "message", "hint"),
     [
         (
-            "fatal: unable to access 'https://u:s3cr3tpw@git.lan/o/n/': Could not resolve host",
-            "Cannot reach the server of https://git.lan/o/n",
-            "offline bundle or a local mirror",
+            "fatal: detected dubious ownership in repository at '/srv/x'",
+            "git refuses {repo}: it belongs to another user",
+            "safe.directory",
         ),
-        (
-            "remote: Repository not found.\nfatal: repository 'https://git.lan/o/n/' not found",
-            "Repository https://git.lan/o/n was not found or needs credentials",
-            "token in the URL",
-        ),
-        (
-            "fatal: could not read Username for 'https://git.lan': terminal prompts disabled",
-            "Repository https://git.lan/o/n was not found or needs credentials",
-            "ssh URL",
-        ),
-        (
-            "fatal: unable to access 'https://git.lan/o/n/': SSL certificate problem: self signed",
-            "TLS certificate of https://git.lan/o/n is not trusted",
-            "GIT_SSL_CAINFO",
-        ),
-        ("fatal: something odd", "git failed to fetch https://git.lan/o/n", "build log"),
+        ("fatal: something odd", "git failed to fetch {repo}", "build log"),
     ],
 )
-def test_fetch_maps_git_failures_to_friendly_messages(
-    said, message, hint, tmp_path, cfg, monkeypatch
-):
+def test_local_fetch_failures_keep_their_own_messages(
+        said, message, hint, repo, tmp_path, cfg, monkeypatch):
+    source = parse_source(str(repo), cfg)
     stand_in_git(tmp_path, monkeypatch, f"cat >&2 <<'EOF'\n{said}\nEOF\nexit 128\n")
-    source = parse_source("https://u:s3cr3tpw@git.lan/o/n", cfg)
     lines = []
     with pytest.raises(SourceError) as caught:
         fetch(source, tmp_path / "checkout", None, cfg, log=lines.append)
-    assert caught.value.message.startswith(message)
-    assert said.splitlines()[-1].replace("u:s3cr3tpw@", "") in caught.value.message
+    assert caught.value.message == f"{message.format(repo=repo)} (git: {said})"
     assert hint in caught.value.hint
-    assert "s3cr3tpw" not in str(caught.value) + "".join(lines)
-    assert lines
+    assert said in lines
 
 
-def test_fetch_log_never_shows_the_token(tmp_path, cfg, monkeypatch):
+def test_fetch_log_never_shows_the_token(tmp_path, cfg, monkeypatch, caplog):
     stand_in_git(
         tmp_path, monkeypatch, 'echo "error: using $*" >&2\necho "token ghp_abcdefgh" >&2\nexit 1\n'
     )
     source = parse_source("https://ghp_abcdefgh@git.lan/o/n", cfg)
     lines = []
-    with pytest.raises(SourceError):
+    with caplog.at_level("INFO", logger="appliance.sources"), pytest.raises(SourceError):
         fetch(source, tmp_path / "checkout", None, cfg, log=lines.append)
     assert lines and not any("ghp_abcdefgh" in line for line in lines)
-    assert "token ***" in lines
+    assert "token ***" in caplog.text and "ghp_abcdefgh" not in caplog.text
 
 
-def test_fetch_hung_git_times_out_and_is_killed(tmp_path, cfg, monkeypatch):
+def test_fetch_hung_git_times_out_and_is_killed(repo, tmp_path, cfg, monkeypatch):
     marker = tmp_path / "still-running"
-    stand_in_git(tmp_path, monkeypatch, f"(sleep 2; touch {marker}) &\nsleep 30\n")
     quick = cfg.with_values(git_timeout=1)
+    source = parse_source(str(repo), quick)
+    stand_in_git(tmp_path, monkeypatch, f"(sleep 2; touch {marker}) &\nsleep 30\n")
     dest = tmp_path / "checkout"
     started = time.monotonic()
     with pytest.raises(SourceError) as caught:
-        fetch(parse_source("https://git.lan/o/n", quick), dest, None, quick)
+        fetch(source, dest, None, quick)
     assert time.monotonic() - started < 10
-    assert caught.value.message == "git clone of https://git.lan/o/n timed out after 1 s"
+    assert caught.value.message == f"git clone of {repo} timed out after 1 s"
     assert "APPLIANCE_GIT_TIMEOUT" in caught.value.hint
     assert not dest.exists()
     time.sleep(max(0.0, started + 2.5 - time.monotonic()))
@@ -733,7 +800,70 @@ def test_git_runs_with_prompts_off_and_protocols_limited(tmp_path, cfg, monkeypa
     assert "GIT_TERMINAL_PROMPT=0" in seen
     assert "GIT_ALLOW_PROTOCOL=https:http:ssh:git" in seen
     assert "-c protocol.ext.allow=never" in seen
-    assert "clone --depth 1 -- https://git.lan/o/n" in seen
+    assert "clone --depth 1 --no-checkout -- https://git.lan/o/n" in seen
+    assert "followRedirects" not in seen and "lfs.url" not in seen  # no source_hosts set
+
+
+# source_hosts: the admin's allowlist of hosts for remote sources
+
+
+@pytest.mark.parametrize(("text", "allowed"), [
+    ("https://git.lan/o/n", "git.lan"),
+    ("https://GIT.LAN/o/n", "git.lan"),
+    ("ssh://git@code.corp.example/o/n.git", "*.example"),
+    ("git@code.corp.example:o/n.git", "github.com, *.corp.example"),
+    ("hf://spaces/o/n", "huggingface.co"),
+    ("https://huggingface.co/spaces/o/n", "huggingface.co"),
+])
+def test_source_hosts_allows_the_named_hosts(text, allowed, cfg):
+    assert parse_source(text, cfg.with_values(source_hosts=allowed)).kind == "git"
+
+
+@pytest.mark.parametrize(("text", "host"), [
+    ("https://10.0.0.5:8080/o/n", "10.0.0.5"),
+    ("https://[::1]/o/n", "::1"),
+    ("http://localhost/o/n", "localhost"),
+    ("https://git.lan.evil.example/o/n", "git.lan.evil.example"),
+    ("https://evilgit.lan/o/n", "evilgit.lan"),
+    ("git@169.254.169.254:o/n.git", "169.254.169.254"),
+    ("ssh://git@internal:22/o/n", "internal"),
+])
+def test_source_hosts_refuses_any_other_host_before_git_runs(text, host, tmp_path, cfg,
+                                                           monkeypatch):
+    ran = tmp_path / "ran"
+    stand_in_git(tmp_path, monkeypatch, f"touch {ran}\nexit 1\n")
+    strict = cfg.with_values(source_hosts="git.lan, *.corp.example")
+    with pytest.raises(SourceError) as caught:
+        parse_source(text, strict)
+    assert caught.value.message.endswith(
+        f"is on host {host}, which is not among the hosts this box fetches Spaces from: "
+        "git.lan, *.corp.example")
+    assert caught.value.hint == ("use a repository on one of those hosts, or ask an admin to add "
+                                 "its host to APPLIANCE_SOURCE_HOSTS")
+    # A source vetted before the setting changed is checked again by fetch and remote_head.
+    loose = parse_source(text, cfg)
+    for call in (lambda: fetch(loose, tmp_path / "checkout", None, strict),
+                 lambda: remote_head(loose, None, strict)):
+        with pytest.raises(SourceError, match="not among the hosts"):
+            call()
+    assert not ran.exists()
+
+
+def test_hf_sources_are_checked_against_the_endpoint_they_fetch_from(cfg):
+    mirror = cfg.with_values(hf_endpoint="http://10.1.2.3:8080", source_hosts="huggingface.co")
+    with pytest.raises(SourceError, match="is on host 10.1.2.3, which is not among"):
+        parse_source("hf://spaces/o/n", mirror)
+
+
+def test_with_source_hosts_git_follows_no_redirect_and_no_lfsconfig(tmp_path, cfg, monkeypatch):
+    record = tmp_path / "args"
+    stand_in_git(tmp_path, monkeypatch, f'echo "$@" >> {record}\nexit 1\n')
+    strict = cfg.with_values(source_hosts="git.lan")
+    with pytest.raises(SourceError):
+        fetch(parse_source("https://git.lan/o/n", strict), tmp_path / "checkout", None, strict)
+    seen = record.read_text()
+    assert "-c http.followRedirects=false" in seen
+    assert "-c lfs.url=https://git.lan/o/n.git/info/lfs" in seen
 
 
 # remote_head
@@ -767,11 +897,24 @@ def test_remote_head_unknown_revision(repo, cfg):
     assert caught.value.message == f"Revision 'nope' not found in {repo}"
 
 
-def test_remote_head_of_missing_repository(tmp_path, cfg, monkeypatch):
+def test_remote_head_of_missing_repository(tmp_path, cfg, monkeypatch, caplog):
     stand_in_git(tmp_path, monkeypatch, "echo 'remote: Repository not found.' >&2\nexit 128\n")
     gone = parse_source("https://git.lan/o/gone", cfg)
-    with pytest.raises(SourceError, match="https://git.lan/o/gone was not found or needs cred"):
+    with caplog.at_level("WARNING", logger="appliance.sources"), \
+            pytest.raises(SourceError) as caught:
         remote_head(gone, None, cfg)
+    assert caught.value.message == "Could not fetch https://git.lan/o/gone"
+    assert "Repository not found" in caplog.text
+
+
+def test_remote_head_of_a_remote_without_the_revision_reads_like_a_failure(tmp_path, cfg,
+                                                                         monkeypatch):
+    # A server that answers (with no such ref) is not told apart from one that does not.
+    stand_in_git(tmp_path, monkeypatch, "exit 0\n")
+    source = parse_source("https://git.lan/o/n", cfg)
+    with pytest.raises(SourceError) as caught:
+        remote_head(source, "nope", cfg)
+    assert caught.value.message == "Could not fetch https://git.lan/o/n at revision 'nope'"
 
 
 def test_remote_head_of_local_repository_re_vets_it(repo, tmp_path, cfg):

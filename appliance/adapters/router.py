@@ -74,6 +74,29 @@ def pid_path(config: Config) -> Path:
     return run_dir(config) / "router.pid"
 
 
+def lock_path(config: Config) -> Path:
+    """The file the serving router holds locked for as long as it runs."""
+    return run_dir(config) / "router.lock"
+
+
+def start_lock_path(config: Config) -> Path:
+    """The file held while a process checks for a router and starts one."""
+    return run_dir(config) / "router-start.lock"
+
+
+@contextlib.contextmanager
+def _flocked(path: Path, operation: int):
+    """Hold an flock on path (its own open file, so threads of one process exclude each
+    other too); raises BlockingIOError where operation has LOCK_NB and it is held."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, operation)
+        yield fd
+    finally:
+        os.close(fd)  # closing the last descriptor releases the lock
+
+
 class Router:
     def __init__(self, config: Config):
         self.config = config
@@ -187,7 +210,9 @@ class Router:
             "errors": {str(p): e for p, e in self.errors.items()},
         }
         target = state_path(self.config)
-        tmp = target.with_suffix(".tmp")
+        # A name of this process's own: a router starting while another stops must not
+        # rename the other's half-written file.
+        tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(state))
         os.replace(tmp, target)
 
@@ -407,12 +432,33 @@ def main() -> None:
 
     config = load_config()
     run_dir(config).mkdir(parents=True, exist_ok=True)
+    # One router per data directory: two would fight over every Space's port ("Address
+    # already in use"). A second one (systemd's, while one started on demand serves) waits,
+    # and takes over when the first stops. The lock goes with this process, after the pid
+    # file: a router that takes over writes its pid after this one removed its own.
+    holder = os.open(lock_path(config), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    if not _try_lock(holder, seconds=1.0):  # router_pid() peeks at the lock for an instant
+        print(f"another router (pid {router_pid(config)}) serves {config.data_path}; "
+              "waiting for it to stop", file=sys.stderr, flush=True)
+        fcntl.flock(holder, fcntl.LOCK_EX)
     pid_path(config).write_text(str(os.getpid()))
     try:
         asyncio.run(Router(config).serve())
     finally:
         with contextlib.suppress(OSError):
             pid_path(config).unlink()
+
+
+def _try_lock(fd: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(POLL_SECONDS)
 
 
 # -- client side: used by the services that switch routes ------------------------------------
@@ -426,32 +472,51 @@ def read_state(config: Config) -> dict:
 
 
 def router_pid(config: Config) -> int | None:
+    """The serving router's pid, or None when none runs (a pid file left by a router that
+    died, its number maybe reused since, does not count: the live router holds its lock)."""
     try:
         pid = int(pid_path(config).read_text())
         os.kill(pid, 0)
-        return pid
     except (OSError, ValueError):
         return None
+    try:
+        with _flocked(lock_path(config), fcntl.LOCK_SH | fcntl.LOCK_NB):
+            return None  # nobody holds it: no router runs
+    except BlockingIOError:
+        return pid
+    except OSError:
+        return pid  # the lock cannot be read (permissions): trust the pid file
 
 
 def ensure_router(config: Config) -> int:
-    """Start the router in the background unless it runs; return its pid."""
+    """Start the router in the background unless it runs; return its pid.
+
+    Processes (the portal, the CLI, workers, the scheduler) and threads that call this at
+    once start one router between them: the check and the start are made under a lock.
+    """
     pid = router_pid(config)
     if pid:
         return pid
     run_dir(config).mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **{f"APPLIANCE_{s.name.upper()}": str(config.values[s.name])
-                            for s in SETTINGS}}
-    log = open(run_dir(config) / "router.log", "ab")
-    process = subprocess.Popen([sys.executable, "-m", "appliance.adapters.router"], env=env,
-                               cwd="/", stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                               start_new_session=True)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if router_pid(config) and read_state(config).get("pid") == process.pid:
-            return process.pid
-        time.sleep(0.05)
-    return process.pid
+    with _flocked(start_lock_path(config), fcntl.LOCK_EX):
+        pid = router_pid(config)
+        if pid:
+            return pid  # another caller started it while this one waited
+        env = {**os.environ, **{f"APPLIANCE_{s.name.upper()}": str(config.values[s.name])
+                                for s in SETTINGS}}
+        with open(run_dir(config) / "router.log", "ab") as log:
+            process = subprocess.Popen([sys.executable, "-m", "appliance.adapters.router"],
+                                       env=env, cwd="/", stdin=subprocess.DEVNULL,
+                                       stdout=log, stderr=log, start_new_session=True)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if router_pid(config) == process.pid and \
+                    read_state(config).get("pid") == process.pid:
+                return process.pid
+            if process.poll() is not None:
+                break  # it failed to start: its log says why
+            time.sleep(0.05)
+        return process.pid
 
 
 def stop_router(config: Config) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import json
 import os
@@ -32,6 +34,8 @@ DEFAULT_DATA_DIR = "/var/lib/appliance"
 # (Before, they shared one, "appliance-offline", with the same role and no Space label:
 # housekeeping removes it as an orphan once nothing runs on it.)
 ROLE_OFFLINE_NETWORK = "offline-network"
+# What Podman answers when a build's layer-cache lookup meets an image removed meanwhile.
+LOST_LAYER = "layer not known"
 
 
 @dataclass(frozen=True)
@@ -200,6 +204,35 @@ class Runtime:
             ) from None
         return [tag for image in images for tag in image.tags]
 
+    # -- the image store, shared by builds and prunes -------------------------------------
+
+    def _storage_lock_path(self) -> Path:
+        return Path(self.config.data_path) / "run" / "podman-storage.lock"
+
+    @contextlib.contextmanager
+    def images_in_use(self) -> Iterator[None]:
+        """Hold the image store for a build: a prune (in any process) waits for the next
+        pass while one runs. Builds share it with each other."""
+        with _flock(self._storage_lock_path(), fcntl.LOCK_SH):
+            yield
+
+    @contextlib.contextmanager
+    def images_alone(self) -> Iterator[bool]:
+        """Hold the image store alone for a prune; yield False (holding nothing) while a
+        build runs, so that a prune never removes a layer a build is reading."""
+        path = self._storage_lock_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+            else:
+                yield True
+        finally:
+            os.close(fd)
+
     def build(
         self,
         context: dict[str, bytes | Path],
@@ -212,8 +245,27 @@ class Runtime:
         log: Callable[[str], None],
         timeout: float,
     ) -> str:
-        """Build an image from in-memory/on-disk context files; return the image id."""
+        """Build an image from in-memory/on-disk context files; return the image id.
+
+        A build whose cache lookup meets an image removed meanwhile (a deleted Space's, an
+        old revision's, a person's `podman rmi`) is tried once more, saying so in its log.
+        """
         body = _context_tar(context, secrets)
+        with self.images_in_use():
+            try:
+                return self._build(body, containerfile, tag, labels, buildargs, secrets,
+                                   nocache, log, timeout)
+            except BuildFailed as exc:
+                if LOST_LAYER not in exc.message:
+                    raise
+                log(f"==> Podman lost a layer this build was reading ({exc.message}): an "
+                    "image was removed meanwhile; building once more")
+            return self._build(body, containerfile, tag, labels, buildargs, secrets,
+                               nocache, log, timeout)
+
+    def _build(self, body: bytes, containerfile: str, tag: str, labels: dict[str, str],
+               buildargs: dict[str, str], secrets: dict[str, bytes], nocache: bool,
+               log: Callable[[str], None], timeout: float) -> str:
         params = {
             "dockerfile": containerfile, "t": tag, "rm": "true", "layers": "true",
             "labels": json.dumps(labels), "buildargs": json.dumps(buildargs),
@@ -295,13 +347,15 @@ class Runtime:
         devices: list[str] | None = None,
         memory_limit_mib: int | None = None,
         network: str | None = None,
+        user: str | None = None,
     ) -> str:
         """Create and start a hardened container publishing container_port on 127.0.0.1.
 
         devices are CDI names (nvidia.com/gpu=0); memory_limit_mib overrides the Space
         default (a Jetson GPU budget is system memory). network puts it on that Podman network
         (an internal one from ensure_internal_network: no connection out at all, its port
-        still published) instead of its own slirp4netns.
+        still published) instead of its own slirp4netns. user runs it as that uid instead of
+        the image's USER; the volumes mounted read-write are handed to it (the U option).
         """
         self.remove_container(name)
         kwargs: dict[str, Any] = dict(
@@ -320,6 +374,8 @@ class Runtime:
         )
         if command:
             kwargs["command"] = command
+        if user:
+            kwargs["user"] = user
         if network:
             kwargs.update(network_mode="bridge", networks={network: {}})
         if devices:
@@ -428,25 +484,33 @@ class Runtime:
         )
 
     def logs(self, name: str, tail: int | None = 200) -> str:
-        container = self._find(name)
-        if container is None:
-            return ""
+        """The container's log: its last `tail` lines, or all of it."""
         try:
-            chunks = container.logs(stdout=True, stderr=True, tail=tail or "all")
-            return b"".join(chunks).decode("utf-8", "replace")
+            container = self.client.containers.get(name)
+            # Read whole: Podman ends a log stream that does not follow with a broken chunk.
+            lines = _last_lines(container.logs(stdout=True, stderr=True), tail)
         except podman.errors.NotFound:
             return ""  # removed between the lookup and the read
         except (podman.errors.APIError, requests.RequestException) as exc:
             raise RuntimeUnavailable(f"Podman could not read the log of {name}: {exc}") from None
+        return b"".join(lines).decode("utf-8", "replace")
 
     def follow_logs(self, name: str, tail: int | None = None) -> Iterator[str]:
         """Yield the container's log (its last `tail` lines, or all) and then new output
-        until it stops; a container that is gone ends the stream."""
-        options = {"tail": tail} if tail is not None else {}
+        until it stops; a container that is gone ends the stream.
+
+        Podman 4.3's own `tail` drops and merges lines (the first line of a short log goes
+        missing), so the tail is cut here: the log is read once to count its lines, then
+        followed from the start with all but the last `tail` of those skipped.
+        """
         try:
             container = self.client.containers.get(name)
-            for chunk in container.logs(stdout=True, stderr=True, stream=True, follow=True,
-                                        **options):
+            skip = 0
+            if tail is not None:
+                counted = _count_lines(container.logs(stdout=True, stderr=True))
+                skip = max(counted - tail, 0)
+            for chunk in _skip_lines(container.logs(stdout=True, stderr=True, stream=True,
+                                                    follow=True), skip):
                 yield chunk.decode("utf-8", "replace")
         except podman.errors.NotFound:
             return
@@ -626,6 +690,19 @@ class Runtime:
             self.remove_container(name)
 
 
+@contextlib.contextmanager
+def _flock(path: Path, operation: int) -> Iterator[None]:
+    """Hold an flock on path through a descriptor of its own (so threads of one process
+    exclude each other too); BlockingIOError where operation has LOCK_NB and it is held."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, operation)
+        yield
+    finally:
+        os.close(fd)
+
+
 class PortInUse(RuntimeUnavailable):
     def __init__(self, port: int):
         super().__init__(f"Port {port} on 127.0.0.1 is already in use by another program",
@@ -677,3 +754,35 @@ def _skip_git(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     return info
+
+
+def _last_lines(chunks: Iterator[bytes], tail: int | None) -> list[bytes]:
+    """The last `tail` lines (all when None) of a log read as frames, newlines kept."""
+    import collections
+
+    kept: collections.deque[bytes] = collections.deque(maxlen=tail or None)
+    partial = b""
+    for chunk in chunks:
+        *whole, partial = (partial + chunk).split(b"\n")
+        kept.extend(line + b"\n" for line in whole)
+    if partial:
+        kept.append(partial)
+    return list(kept)
+
+
+def _count_lines(chunks: Iterator[bytes]) -> int:
+    return sum(chunk.count(b"\n") for chunk in chunks)
+
+
+def _skip_lines(chunks: Iterator[bytes], skip: int) -> Iterator[bytes]:
+    """Pass a log's frames on, less its first `skip` lines."""
+    for chunk in chunks:
+        while skip and chunk:
+            end = chunk.find(b"\n")
+            if end < 0:
+                chunk = b""
+                break
+            chunk = chunk[end + 1:]
+            skip -= 1
+        if chunk:
+            yield chunk

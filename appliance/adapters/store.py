@@ -160,6 +160,17 @@ def _m009_locks(db: sqlite_utils.Database) -> None:
     db["spaces"].add_column("resolution", str)
 
 
+def _m010_sessions(db: sqlite_utils.Database) -> None:
+    # Portal logins kept on the server: the cookie carries a random session id whose sha256 is
+    # the key here, so logging out, a new password or role, or deleting the user ends it at
+    # once (a signed cookie alone stayed valid for session_hours whatever happened).
+    db["sessions"].create(
+        {"id": str, "user": str, "created_at": str, "expires_at": float},
+        pk="id", foreign_keys=[("user", "users", "name")], not_null={"user", "expires_at"},
+    )
+    db["sessions"].create_index(["user"])
+
+
 # Named migrations, applied in order and recorded in the migrations table. Never edit one
 # that has shipped; append a new one.
 MIGRATIONS: tuple[tuple[str, Callable[[sqlite_utils.Database], None]], ...] = (
@@ -172,6 +183,7 @@ MIGRATIONS: tuple[tuple[str, Callable[[sqlite_utils.Database], None]], ...] = (
     ("007_portal", _m007_portal),
     ("008_space_overrides", _m008_space_overrides),
     ("009_locks", _m009_locks),
+    ("010_sessions", _m010_sessions),
 )
 
 
@@ -525,6 +537,8 @@ class Store:
         with self.transaction():
             self.db["users"].upsert({"name": name, "role": role, "password_hash": password_hash,
                                      **({"created_at": now()} if created else {})}, pk="name")
+            if not created:  # a new password or role: whoever held the old one is logged out
+                self.end_sessions(name)
             self.add_event(None, "user:added" if created else "user:changed", actor,
                            {"user": name, "role": role})
 
@@ -533,8 +547,9 @@ class Store:
 
     def delete_user(self, name: str, actor: str) -> None:
         with self.transaction():
-            # The user's tokens go with them (the events keep who made and used what).
+            # The user's tokens and logins go with them (the events keep who did what).
             self.db.execute("delete from tokens where user = ?", [name])
+            self.end_sessions(name)
             if self.db.execute("delete from users where name = ?", [name]).rowcount == 0:
                 raise NotFound(f"No user named {name}")
             self.add_event(None, "user:deleted", actor, {"user": name})
@@ -564,6 +579,8 @@ class Store:
         self.db.execute("update tokens set last_used_at = ? where id = ?", [now(), token_id])
 
     def revoke_token(self, token_id: int, actor: str, user: str | None = None) -> None:
+        if not 0 < token_id < 2**63:  # an id SQLite cannot hold names no token
+            raise NotFound(f"No active token with id {token_id}")
         with self.transaction():
             sql = "update tokens set revoked_at = ? where id = ? and revoked_at is null"
             args: list[Any] = [now(), token_id]
@@ -572,6 +589,37 @@ class Store:
             if self.db.execute(sql, args).rowcount == 0:
                 raise NotFound(f"No active token with id {token_id}")
             self.add_event(None, "token:revoked", actor, {"token": token_id})
+
+    def set_password_hash(self, name: str, password_hash: str, actor: str) -> int:
+        """Change a user's password and end every session they have; return how many."""
+        with self.transaction():
+            if self.db.execute("update users set password_hash = ? where name = ?",
+                               [password_hash, name]).rowcount == 0:
+                raise NotFound(f"No user named {name}")
+            ended = self.end_sessions(name)
+            self.add_event(None, "user:password", actor, {"user": name})
+            return ended
+
+    def add_session(self, session_hash: str, user: str, expires_at: float) -> None:
+        with self.transaction():
+            self.db.execute("delete from sessions where expires_at <= ?", [time.time()])
+            self.db["sessions"].insert({"id": session_hash, "user": user, "created_at": now(),
+                                        "expires_at": expires_at})
+
+    def session_user(self, session_hash: str, at: float) -> dict[str, Any] | None:
+        """The user (name, role) of a session that has not ended or expired: one lookup."""
+        row = self.db.execute(
+            "select users.name, users.role from sessions join users on users.name = "
+            "sessions.user where sessions.id = ? and sessions.expires_at > ?",
+            [session_hash, at]).fetchone()
+        return {"name": row[0], "role": row[1]} if row else None
+
+    def end_session(self, session_hash: str) -> None:
+        self.db.execute("delete from sessions where id = ?", [session_hash])
+
+    def end_sessions(self, user: str) -> int:
+        """End every session of a user; return how many there were."""
+        return self.db.execute("delete from sessions where user = ?", [user]).rowcount
 
     def login_failures(self, client: str, since: float) -> int:
         return self.db.execute("select count(*) from login_failures where client = ? and "

@@ -1034,10 +1034,12 @@ def _apply_space(ctx, staged: Staged, plan: _SpacePlan, locks: list[dict[str, An
                                source_display=source.display, revision_request=sha)
     else:
         spaces.add_space(ctx, str(plan.repo), name=space_id, revision=sha,
-                         hardware=entry.get("hardware") or "cpu")
+                         hardware=entry.get("hardware") or "cpu", from_bundle=True)
         for key, value in (entry.get("variables") or {}).items():
             spaces.set_value(ctx, "variables", space_id, key, value)
-    # Models come from the shared cache, never from the Hub: there is no network here.
+    # Models come from the shared cache, never from the Hub: there is no network here. (The
+    # cache is mounted because the Space's source is the imported repository, not because of
+    # this variable, which tells the app's huggingface_hub not to try the network.)
     spaces.set_value(ctx, "variables", space_id, "HF_HUB_OFFLINE", "1")
     # The locks the bundled images were built with: a rebuild here installs the same files
     # from the package cache, with no package index.

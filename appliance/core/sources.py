@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -18,6 +19,10 @@ from urllib.parse import unquote, urlsplit
 from ..errors import ApplianceError, InvalidInput, SourceError
 
 _GIT = "git"  # the binary; tests point it at stand-in scripts
+# git's own words about a remote that failed go here (the worker's and the portal's log), not
+# to the member: "connection refused" against "timed out" against "not found" would map the
+# box's network for whoever can type a URL.
+server_log = logging.getLogger("appliance.sources")
 _ID_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 _VERIFY = ("rev-parse", "--verify", "--quiet")  # the revision was vetted: no leading "-"
 _FULL_SHA = re.compile(r"[0-9a-fA-F]{40}")
@@ -144,6 +149,12 @@ def validate_revision(revision: str | None) -> str | None:
 
 def parse_source(text: str, config) -> Source:
     """Vet a user-typed Space source and say how git should fetch it."""
+    source = _parse_source(text, config)
+    check_host(source, config)
+    return source
+
+
+def _parse_source(text: str, config) -> Source:
     if not isinstance(text, str | None):
         raise InvalidInput(f"A Space source must be text, got {type(text).__name__}", hint=_FORMS)
     if text and len(text) > MAX_SOURCE_LENGTH:
@@ -191,6 +202,57 @@ def parse_source(text: str, config) -> Source:
     if scheme:
         raise SourceError(f"Unsupported URL scheme {scheme.group(1)}: in {shown!r}", hint=_FORMS)
     raise SourceError(f"Not a Space source: {shown!r}", hint=_FORMS)
+
+
+def source_host(source: Source) -> str:
+    """The host git contacts for a remote source (lower case; "" for a local one)."""
+    if source.kind != "git":
+        return ""
+    if _URL_SCHEME.match(source.url):
+        try:
+            return (urlsplit(source.url).hostname or "").rstrip(".").lower()
+        except ValueError:
+            return ""
+    scp = _SCP.fullmatch(source.url)
+    return scp["host"].rstrip(".").lower() if scp else ""
+
+
+def allowed_hosts(config) -> list[str]:
+    """The source_hosts setting as a list of patterns (empty: any host)."""
+    return [p.strip().rstrip(".").lower() for p in (config.source_hosts or "").split(",")
+            if p.strip()]
+
+
+def _host_allowed(host: str, patterns: list[str]) -> bool:
+    # Exact names, or "*.example.com" for any name under example.com: no fnmatch, whose
+    # [ranges] and ? would let a typo allow more than meant.
+    return any(host == p or (p.startswith("*.") and host.endswith(p[1:])) for p in patterns)
+
+
+def check_host(source: Source, config) -> None:
+    """Refuse a remote source whose host is not in the admin's source_hosts (before git runs)."""
+    patterns = allowed_hosts(config)
+    if source.kind != "git" or not patterns:
+        return
+    host = source_host(source)
+    if not host or not _host_allowed(host, patterns):
+        raise SourceError(
+            f"Source {source.display} is on host {host or '(none)'!s}, which is not among the "
+            f"hosts this box fetches Spaces from: {', '.join(patterns)}",
+            hint="use a repository on one of those hosts, or ask an admin to add its host "
+            "to APPLIANCE_SOURCE_HOSTS",
+        )
+
+
+def is_imported(path_text: str, config) -> bool:
+    """Tell whether a recorded source is the appliance's own copy of a Space imported from an
+    offline bundle (only a bundle import records one there)."""
+    if not isinstance(path_text, str) or not path_text.startswith("/"):
+        return False
+    try:
+        return Path(path_text).resolve().is_relative_to(config.imported_repos_path)
+    except (OSError, RuntimeError, ValueError):
+        return False
 
 
 def _hf_source(path: str, prefix: str, userinfo: str, shown: str, config) -> Source:
@@ -348,9 +410,9 @@ def _redact(text: str) -> str:
 
 
 class _GitFailed(Exception):
-    def __init__(self, op: str, lines: list[str]):
+    def __init__(self, op: str, lines: list[str], timed_out: bool = False):
         super().__init__(op)
-        self.op, self.lines = op, lines
+        self.op, self.lines, self.timed_out = op, lines, timed_out
 
     def tail(self) -> str:
         said = [line for line in self.lines if not line.lower().startswith("hint:")]
@@ -362,6 +424,7 @@ class _Git:
 
     def __init__(self, source: Source, config, log: Callable[[str], None]):
         self.display, self.timeout, self.log = source.display, config.git_timeout, log
+        self.remote = source.kind == "git"
         self.deadline = time.monotonic() + self.timeout
         self.env = {k: v for k, v in os.environ.items() if k not in _REPO_VARS}
         self.env.update(
@@ -373,6 +436,15 @@ class _Git:
         )
         if "GIT_SSH" not in self.env and "GIT_SSH_COMMAND" not in self.env:
             self.env["GIT_SSH_COMMAND"] = "ssh -o BatchMode=yes"
+        self.pinned: list[str] = []
+        if self.remote and allowed_hosts(config):
+            # Only the allowed host is contacted: no redirect elsewhere, and no .lfsconfig in
+            # the repository pointing git-lfs at another server.
+            self.pinned = ["-c", "http.followRedirects=false"]
+            if _URL_SCHEME.match(source.url) and source.url.lower().startswith("http"):
+                base = source.url.rstrip("/")
+                lfs = base + ("/info/lfs" if base.endswith(".git") else ".git/info/lfs")
+                self.pinned += ["-c", f"lfs.url={lfs}"]
         parts = urlsplit(source.url) if source.kind == "git" else None
         secret = parts and parts.scheme in ("https", "http") and (parts.password or parts.username)
         # Tokens are long; a short user name like "git" would blank out ordinary words.
@@ -384,9 +456,18 @@ class _Git:
             text = text.replace(secret, "***")
         return text
 
+    def detail(self, line: str) -> None:
+        """Note what git said: in the caller's log for a local source; for a remote one only
+        in the server log, since it would tell a member how the box's network answers."""
+        if self.remote:
+            server_log.info("git %s: %s", self.display, self.redact(line))
+        else:
+            self.log(line)
+
     def __call__(self, *args: str) -> str:
         op = args[2] if args[0] == "-C" else args[0]
-        cmd = [_GIT, "-c", "protocol.ext.allow=never", "-c", "protocol.fd.allow=never", *args]
+        cmd = [_GIT, "-c", "protocol.ext.allow=never", "-c", "protocol.fd.allow=never",
+               *self.pinned, *args]
         self.log(self.redact("$ git " + " ".join(args)))
         pipe = subprocess.PIPE
         try:
@@ -407,6 +488,11 @@ class _Git:
                 proc.communicate()
                 if not isinstance(exc, subprocess.TimeoutExpired):
                     raise
+                if self.remote:
+                    server_log.warning("git %s of %s timed out after %s s", op, self.display,
+                                       self.timeout)
+                    raise _GitFailed(op, [f"timed out after {self.timeout} s"],
+                                     timed_out=True) from None
                 raise SourceError(
                     f"git {op} of {self.display} timed out after {self.timeout} s",
                     hint="the server is slow or unreachable: raise APPLIANCE_GIT_TIMEOUT, "
@@ -414,7 +500,7 @@ class _Git:
                 ) from None
         lines = [self.redact(line.rstrip()) for line in err.splitlines() if line.strip()]
         for line in lines:
-            self.log(line)
+            self.detail(line)
         if proc.returncode != 0:
             raise _GitFailed(op, lines)
         return out
@@ -432,7 +518,23 @@ def _classify(failure: _GitFailed) -> str:
     return next((kind for kind, (pattern, *_) in _FAILURES.items() if re.search(pattern, text)))
 
 
-def _explain(failure: _GitFailed, display: str, revision: str | None) -> SourceError:
+def unreachable(display: str, revision: str | None) -> SourceError:
+    """The one message a caller sees for whatever went wrong fetching a remote source."""
+    at = f" at revision {revision!r}" if revision else ""
+    return SourceError(
+        f"Could not fetch {display}{at}",
+        hint=f"check the URL{', the revision' if revision else ''} and that this box can reach "
+        "the server (and, for a private repository, the credentials in the URL); an admin "
+        "finds git's own message in the appliance's server log",
+    )
+
+
+def _explain(failure: _GitFailed, display: str, revision: str | None,
+             remote: bool = False) -> SourceError:
+    if remote:
+        server_log.warning("git %s of %s failed: %s", failure.op, display,
+                           " / ".join(failure.lines) or "no output")
+        return unreachable(display, revision)
     kind = _classify(failure)
     _, headline, hint = _FAILURES["other" if kind == "revision" and not revision else kind]
     headline = headline.format(display=display, revision=revision)
@@ -454,18 +556,19 @@ def fetch(source: Source, dest: Path, revision: str | None, config, log=_quiet) 
         raise SourceError(f"Checkout directory {dest} already exists", hint="remove it first")
     if not dest.parent.is_dir():
         raise SourceError(f"Checkout directory {dest.parent} does not exist", hint="create it")
+    check_host(source, config)
     git = _Git(source, config, log)
     try:
         if source.kind == "local":
             _vet_local(source.url, config)
-        sha = _check_out(git, source, dest, revision)
+        sha = _check_out(git, source, dest, revision, config)
         _fill_lfs(git, dest, config)
         _check_size(dest, config, source.display)
         return sha
     except BaseException as exc:
         shutil.rmtree(dest, ignore_errors=True)
         if isinstance(exc, _GitFailed):
-            raise _explain(exc, source.display, revision) from None
+            raise _explain(exc, source.display, revision, git.remote) from None
         if isinstance(exc, Exception) and not isinstance(exc, ApplianceError):
             raise SourceError(
                 f"Cannot fetch {source.display}: {git.redact(str(exc))}",
@@ -474,12 +577,16 @@ def fetch(source: Source, dest: Path, revision: str | None, config, log=_quiet) 
         raise
 
 
-def _check_out(git: _Git, source: Source, dest: Path, revision: str | None) -> str:
+def _check_out(git: _Git, source: Source, dest: Path, revision: str | None, config) -> str:
+    """Fetch the revision's objects, weigh its tree, and only then write the working tree."""
     url, target = source.url, str(dest)
     # --no-local: make a local clone go through upload-pack, so --depth applies and the
     # source's object store is copied, not hard-linked or followed through symlinks.
-    full_clone = ("clone", "--no-checkout", *(["--no-local"] * (source.kind == "local")))
-    shallow = ("clone", "--depth", "1", *(["--no-local"] * (source.kind == "local")))
+    # --no-checkout everywhere: the tree's announced sizes are checked before a file is written.
+    local = ["--no-local"] * (source.kind == "local")
+    full_clone = ("clone", "--no-checkout", *local)
+    shallow = ("clone", "--depth", "1", "--no-checkout", *local)
+    commitish = "HEAD"  # what is checked out: the cloned branch, or a commit (detached)
     if revision is None:
         git(*shallow, "--", url, target)
     elif _FULL_SHA.fullmatch(revision):
@@ -488,17 +595,19 @@ def _check_out(git: _Git, source: Source, dest: Path, revision: str | None) -> s
             git("-C", target, "remote", "add", "--", "origin", url)
             git("-C", target, "fetch", "--depth", "1", "--", "origin", revision)
         except _GitFailed as exc:
-            if _classify(exc) in ("unreachable", "auth", "tls"):
+            if exc.timed_out or _classify(exc) in ("unreachable", "auth", "tls"):
                 raise
-            git.log("the server refused a shallow fetch of a commit; cloning the full history")
+            git.detail("the server refused a shallow fetch of a commit; cloning the full "
+                       "history")
             shutil.rmtree(dest, ignore_errors=True)
             git(*full_clone, "--", url, target)
-        git("-C", target, "checkout", "-q", "--detach", revision, "--")
+        commitish = revision
     else:
         try:
             git(*shallow, f"--branch={revision}", "--", url, target)
         except _GitFailed as exc:
-            if not (_SHORT_SHA.fullmatch(revision) and _classify(exc) == "revision"):
+            if exc.timed_out or not (_SHORT_SHA.fullmatch(revision)
+                                     and _classify(exc) == "revision"):
                 raise
             shutil.rmtree(dest, ignore_errors=True)
             git(*full_clone, "--", url, target)
@@ -506,16 +615,49 @@ def _check_out(git: _Git, source: Source, dest: Path, revision: str | None) -> s
                 commit = git("-C", target, *_VERIFY, f"{revision}^{{commit}}").strip()
             except _GitFailed:
                 raise _GitFailed("rev-parse", [f"unknown revision {revision}"]) from None
-            git("-C", target, "checkout", "-q", "--detach", commit, "--")
+            commitish = commit
     try:
-        sha = git("-C", target, "rev-parse", "--verify", "HEAD").strip()
+        sha = git("-C", target, *_VERIFY, f"{commitish}^{{commit}}").strip()
     except _GitFailed:
+        if commitish != "HEAD":
+            raise _GitFailed("rev-parse", [f"unknown revision {revision}"]) from None
+        if git.remote:
+            raise _GitFailed("rev-parse", ["the repository has no commits"]) from None
         raise SourceError(
             f"Repository {source.display} has no commits", hint="push a commit, then retry"
         ) from None
     if revision and _FULL_SHA.fullmatch(revision) and sha != revision.lower():
-        raise SourceError(f"Checked out {sha} instead of {revision} from {source.display}")
+        raise SourceError(f"Fetched {sha} instead of {revision} from {source.display}")
+    _check_tree_size(git, target, sha, config, source.display)
+    if commitish == "HEAD":
+        git("-C", target, "checkout", "-q")  # the branch the clone named, left attached
+    else:
+        git("-C", target, "checkout", "-q", "--detach", sha, "--")
     return sha
+
+
+def _check_tree_size(git: _Git, target: str, sha: str, config, display: str) -> None:
+    """Refuse a tree whose files add up past max_checkout_mb, before any is written: a small
+    repository can hold a highly compressible file that expands to gigabytes."""
+    listing = git("-C", target, "ls-tree", "-r", "-l", "-z", "--full-tree", sha)
+    sizes = []
+    for entry in listing.split("\0"):
+        meta, _, name = entry.partition("\t")
+        fields = meta.split()
+        if len(fields) == 4 and fields[1] == "blob" and fields[3].isdigit():
+            sizes.append((int(fields[3]), name))
+    total = sum(size for size, _ in sizes)
+    limit = config.max_checkout_mb
+    if total > limit * 1024 * 1024:
+        largest = ", ".join(f"{name if name.isprintable() else repr(name)} {size / 2**20:.1f} MiB"
+                            for size, name in sorted(sizes, reverse=True)[:3]
+                            if size >= 0.05 * 2**20)
+        raise SourceError(
+            f"Checkout of {display} would be {total / 2**20:.1f} MiB in {len(sizes)} files, "
+            f"over the {limit} MiB limit{f' (largest: {largest})' if largest else ''}; nothing "
+            "was written",
+            hint="raise APPLIANCE_MAX_CHECKOUT_MB or slim the repository",
+        )
 
 
 def _tree_files(root: Path):
@@ -622,14 +764,20 @@ def remote_head(source: Source, revision: str | None, config) -> str:
     wanted = ["HEAD"]
     if revision:  # a branch wins over a tag of the same name, as with `git clone --branch`
         wanted = [f"refs/heads/{revision}", f"refs/tags/{revision}^{{}}", f"refs/tags/{revision}"]
+    check_host(source, config)
+    git = _Git(source, config, _quiet)
     try:
-        out = _Git(source, config, _quiet)("ls-remote", "--", source.url, *wanted)
+        out = git("ls-remote", "--", source.url, *wanted)
     except _GitFailed as exc:
-        raise _explain(exc, source.display, revision) from None
+        raise _explain(exc, source.display, revision, git.remote) from None
     refs = {ref: sha for sha, _, ref in (line.partition("\t") for line in out.splitlines())}
     for ref in wanted:
         if ref in refs and _FULL_SHA.fullmatch(refs[ref]):
             return refs[ref].lower()
+    if git.remote:
+        # An answer naming no such ref would still tell a git server from a closed port.
+        server_log.warning("git ls-remote of %s: no ref %s", source.display, " or ".join(wanted))
+        raise unreachable(source.display, revision)
     if revision is None:
         raise SourceError(f"Repository {source.display} has no commits", hint="push a commit")
     raise SourceError(

@@ -30,9 +30,11 @@ from ..errors import (
     ApplianceError,
     BuildFailed,
     Conflict,
+    Forbidden,
     InvalidInput,
     ManifestError,
     NotFound,
+    SourceError,
     StartupFailed,
 )
 from ..gpu import claims
@@ -44,6 +46,8 @@ from .manifest import Manifest, load_manifest, parse_manifest
 
 HF_CACHE_VOLUME = "appliance-hf-cache"
 HF_HOME = "/home/user/.cache/huggingface"  # set in every image by builds.py
+# Every Space's processes run as this uid, docker Spaces too, as on Hugging Face.
+SPACE_USER = "1000"
 _KEY = "[A-Za-z_][A-Za-z0-9_]{0,127}"
 SERVING = {stages.RUNNING, stages.RUNNING_BUILDING, stages.RUNNING_APP_STARTING}
 
@@ -108,10 +112,23 @@ def _public(config: Config, row: dict[str, Any]) -> dict[str, Any]:
 
 
 def add_space(ctx: Context, source_text: str, name: str | None = None,
-              revision: str | None = None, hardware: str = "cpu") -> dict[str, Any]:
-    """Record a new Space in BUILDING after checking its source answers; the build follows."""
+              revision: str | None = None, hardware: str = "cpu",
+              from_bundle: bool = False) -> dict[str, Any]:
+    """Record a new Space in BUILDING after checking its source answers; the build follows.
+
+    from_bundle is for the bundle import alone: only its Spaces may have the appliance's copy
+    of a bundled repository as their source, which is what makes a Space offline (it reads
+    the shared model cache)."""
     source = sources.parse_source(source_text, ctx.config)
+    if source.kind == "local" and not from_bundle \
+            and sources.is_imported(source.url, ctx.config):
+        raise SourceError(
+            f"Source {source.display} is the appliance's copy of a Space imported from a "
+            "bundle; it cannot be the source of another Space",
+            hint="update that Space by importing a newer bundle, or copy the repository into "
+            "a directory of APPLIANCE_LOCAL_SOURCES and add it from there")
     space_id = sources.validate_space_id(name or source.default_id)
+    check_owner(ctx, space_id)
     revision = sources.validate_revision(revision)
     hardware = claims.check_request(ctx, space_id, hardware)
     if ctx.store.find_space(space_id):
@@ -133,6 +150,26 @@ def add_space(ctx: Context, source_text: str, name: str | None = None,
             if "already exists" in exc.message:
                 raise
     return describe(ctx, space_id)
+
+
+def check_owner(ctx: Context, space_id: str) -> None:
+    """Refuse a member a Space id whose owner is another portal user's name (any case): it is
+    reserved for that user. Admins, and the box's own CLI and jobs, may use any owner."""
+    via, _, user = (ctx.actor or "").partition(":")
+    if via not in ("session", "token") or not user:
+        return
+    caller = ctx.store.find_user(user)
+    if caller is not None and caller["role"] == "admin":
+        return
+    owner, name = space_id.split("/", 1)
+    taken = [u["name"] for u in ctx.store.list_users()
+             if u["name"].lower() == owner.lower() and u["name"] != user]
+    if taken:
+        raise Forbidden(
+            f"The owner {owner!r} of {space_id} is the name of the portal user {taken[0]}: "
+            f"only {taken[0]} or an admin may add Spaces under it",
+            hint=f"name it {user}/{name} (your own name), or use an owner that is not a portal "
+            "user's name, such as the organisation of the source repository")
 
 
 def allocate_port(ctx: Context, exclude: set[int] | None = None) -> int:
@@ -397,6 +434,13 @@ def data_volume(space_id: str) -> str:
     return builds.image_repository(space_id).split("/", 1)[1] + "-data"
 
 
+def is_from_bundle(ctx: Context, row: dict[str, Any]) -> bool:
+    """Tell whether a Space came from an offline bundle: its recorded source is the
+    appliance's own copy of the bundled repository, which only an import records (add_space
+    refuses it to everyone else). Never a variable: a member sets those."""
+    return sources.is_imported(row["source"], ctx.config)
+
+
 def offline_network(space_id: str) -> str:
     """Name the internal network an offline Space runs on, alone."""
     return builds.image_repository(space_id).split("/", 1)[1] + "-offline"
@@ -429,10 +473,11 @@ def start_revision(ctx: Context, space_id: str, sha: str, image: str,
         env = {**_container_env(ctx, row, manifest), **claim.env}
         volumes = {data_volume(space_id): "/data"}
         network = None
-        if env.get("HF_HUB_OFFLINE") == "1":
+        if is_from_bundle(ctx, row):
             # An offline Space (one from a bundle) finds its models in the shared cache,
             # which it reads and never writes, and runs with no way out to any network, nor
-            # to another Space: its internal network is its own.
+            # to another Space: its internal network is its own. The cache may hold gated
+            # models an admin imported, so HF_HUB_OFFLINE set by a member never opens it.
             volumes[HF_CACHE_VOLUME] = f"{HF_HOME}:ro"
             network = ctx.runtime.ensure_internal_network(
                 offline_network(space_id),
@@ -444,7 +489,8 @@ def start_revision(ctx: Context, space_id: str, sha: str, image: str,
                     name, image, backend, container_port, env,
                     {LABEL_SPACE: space_id, LABEL_REVISION: sha, LABEL_ROLE: "app"},
                     volumes, enforce, devices=claim.devices,
-                    memory_limit_mib=claim.memory_limit_mib, network=network)
+                    memory_limit_mib=claim.memory_limit_mib, network=network,
+                    user=SPACE_USER)
                 break
             except PortInUse:
                 continue
@@ -469,16 +515,33 @@ def start_revision(ctx: Context, space_id: str, sha: str, image: str,
     previous = {}
     if row["image"] and row["image"] != image:
         previous = {"previous_revision": row["revision"], "previous_image": row["image"]}
+    retiring = serving and old_container != name
+    # The switch owns the Space until the old container is gone: reconcile leaves a Space with
+    # a live owner alone, and would otherwise remove the old one mid-drain, cutting downloads.
     ctx.store.move(space_id, ctx.store.get_space(space_id)["stage"], stages.RUNNING, ctx.actor,
                    event="switched", detail={"revision": sha, "from": row["revision"]},
                    error=None, revision=sha, image=image, container=name, backend_port=backend,
-                   desired="running", **previous)
-    router.wait_route(ctx.config, row["port"], backend)
-    if serving and old_container != name:
-        router.wait_drained(ctx.config, old_backend, ctx.config.drain_seconds)
-        ctx.runtime.remove_container(old_container)
+                   desired="running", worker_pid=os.getpid() if retiring else None,
+                   **previous)
+    try:
+        router.wait_route(ctx.config, row["port"], backend)
+        if retiring:
+            router.wait_drained(ctx.config, old_backend, ctx.config.drain_seconds)
+            ctx.runtime.remove_container(old_container)
+    finally:
+        if retiring:
+            _release_switch(ctx, space_id)
     _prune_images(ctx, space_id)
     return describe(ctx, space_id)
+
+
+def _release_switch(ctx: Context, space_id: str) -> None:
+    # Compare-and-swap: an action that began during the drain (an update, a stop) owns the
+    # Space now, and keeps it.
+    with ctx.store.transaction():
+        row = ctx.store.find_space(space_id)
+        if row and row["worker_pid"] == os.getpid():
+            ctx.store.update_space(space_id, worker_pid=None)
 
 
 def _wait_ready(ctx: Context, name: str, port: int, manifest: Manifest) -> None:
@@ -500,17 +563,32 @@ def _wait_ready(ctx: Context, name: str, port: int, manifest: Manifest) -> None:
             state = ctx.runtime.state(name)
             if state is None or not state.running:
                 code = state.exit_code if state else "?"
+                tail = _log_tail(ctx, name)
                 raise StartupFailed(
                     f"The app exited (code {code}) before answering on port "
-                    f"{manifest.container_port}\n--- last lines of the app log ---\n"
-                    f"{_log_tail(ctx, name)}",
+                    f"{manifest.container_port}{_user_note(manifest, tail)}\n"
+                    f"--- last lines of the app log ---\n{tail}",
                     hint="fix the app and update the Space")
         time.sleep(ctx.config.startup_poll_interval)
+    tail = _log_tail(ctx, name)
     raise StartupFailed(
         f"The app did not answer on port {manifest.container_port} within {timeout} s "
-        f"(startup_duration_timeout)\n--- last lines of the app log ---\n"
-        f"{_log_tail(ctx, name)}",
+        f"(startup_duration_timeout){_user_note(manifest, tail)}\n"
+        f"--- last lines of the app log ---\n{tail}",
         hint="make it listen on 0.0.0.0 at app_port, or raise startup_duration_timeout")
+
+
+_DENIED = re.compile(r"permission denied|eacces|operation not permitted", re.IGNORECASE)
+
+
+def _user_note(manifest: Manifest, tail: str) -> str:
+    """Explain a docker Space's "permission denied": it runs as user 1000, not root."""
+    if manifest.sdk != "docker" or not _DENIED.search(tail):
+        return ""
+    return ("\nDocker Spaces run as user 1000 (uid 1000), as on Hugging Face, not as root: "
+            "create that user and give it what the app writes (RUN useradd -m -u 1000 user, "
+            "USER user, WORKDIR /home/user/app, COPY --chown=user . .); /data is writable by "
+            "it")
 
 
 def _log_tail(ctx: Context, name: str) -> str:
@@ -578,8 +656,9 @@ def recover_abandoned(ctx: Context, space_id: str) -> dict[str, Any]:
     if build and build["status"] == "running":
         ctx.store.finish_build(build["id"], "abandoned", error="the building process ended")
     state = ctx.runtime.state(row["container"]) if row["container"] else None
+    action, command = _cut_action(ctx, row)
     message = (f"The appliance process {row['worker_pid']} ended while the Space was "
-               f"{row['stage']}; run 'appliance spaces update {space_id}' to try again")
+               f"{row['stage']}, cutting its {action} short; run '{command}' to try again")
     if state is not None and state.running and row["backend_port"]:
         return ctx.store.move(space_id, row["stage"], stages.RUNNING, ctx.actor,
                               event="recovered", error=message, worker_pid=None)
@@ -589,6 +668,31 @@ def recover_abandoned(ctx: Context, space_id: str) -> dict[str, Any]:
         target = stages.RUNTIME_ERROR
     return ctx.store.move(space_id, row["stage"], target, ctx.actor, event="recovered",
                           error=message, worker_pid=None, backend_port=None, container=None)
+
+
+def _cut_action(ctx: Context, row: dict[str, Any]) -> tuple[str, str]:
+    """Name what a dead process was doing to a busy Space, and the command that does it again.
+
+    A build is an update's (or a first deploy's); a start of a revision is read from the
+    events: the stage it started from, and whether a rollback asked for it.
+    """
+    space_id = row["id"]
+    if row["stage"] in (stages.APP_STARTING, stages.RUNNING_APP_STARTING):
+        events = ctx.store.events(space_id, limit=50)
+        for index, event in enumerate(events):
+            if event["kind"] not in ("stage:APP_STARTING", "stage:RUNNING_APP_STARTING"):
+                continue
+            asked = events[index + 1] if index + 1 < len(events) else None
+            if asked and asked["kind"] == "rollback" and asked["detail"].get("to"):
+                return "rollback", (f"appliance spaces rollback {space_id} "
+                                    f"--to {asked['detail']['to'][:12]}")
+            started_from = event["detail"].get("from")
+            if started_from in (stages.STOPPED, stages.PAUSED):
+                return "start", f"appliance spaces start {space_id}"
+            if started_from not in (stages.BUILDING, stages.RUNNING_BUILDING) and row["image"]:
+                return "restart", f"appliance spaces restart {space_id}"
+            break
+    return "update", f"appliance spaces update {space_id}"
 
 
 def request_update(ctx: Context, space_id: str, factory: bool = False,

@@ -240,6 +240,7 @@ class PruneReport:
     removed_networks: list[str] = field(default_factory=list)
     removed_package_files: int = 0
     freed_package_bytes: int = 0
+    deferred: list[str] = field(default_factory=list)  # left for the next pass, and why
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -254,7 +255,9 @@ def prune_once(ctx: Context) -> PruneReport:
     (least recently used first; never one a kept revision's lock names).
 
     A Space with work under way (a build, a start) keeps its checkouts and images: the
-    revision it is fetching or starting is in no row yet.
+    revision it is fetching or starting is in no row yet. No image goes while any build runs,
+    in any process: Podman's layer cache reads every image, and a build that met one removed
+    under it failed with "layer not known".
     """
     report = PruneReport()
     checkouts_root = ctx.config.data_path / "checkouts"
@@ -271,19 +274,24 @@ def prune_once(ctx: Context) -> PruneReport:
         else:
             _prune_checkouts(ctx, space_id, folder, report)
     _prune_packages(ctx, rows, report)  # the package cache needs no Podman
-    try:
-        images = ctx.runtime.labelled_images()  # one listing for every Space: it is costly
-    except ApplianceError as exc:
-        report.errors.append(f"cannot list images: {exc.message}")
-        return report
-    for image_id, (owner, _tags) in images.items():
-        if owner not in rows and _fresh_row(ctx, owner, report.errors) is None:
-            _remove_images(ctx, owner, [image_id], report, force=True)  # its Space is gone
-    _prune_networks(ctx, rows, report)
-    for space_id in rows:
-        row = _fresh_row(ctx, space_id, report.errors)
-        if row and row["stage"] not in stages.BUSY:
-            _prune_images(ctx, row, images, report)
+    with ctx.runtime.images_alone() as alone:
+        if not alone:
+            report.deferred.append("images: a build is under way; the next pass prunes them")
+            _prune_networks(ctx, rows, report)
+            return report
+        try:
+            images = ctx.runtime.labelled_images()  # one listing for every Space: costly
+        except ApplianceError as exc:
+            report.errors.append(f"cannot list images: {exc.message}")
+            return report
+        for image_id, (owner, _tags) in images.items():
+            if owner not in rows and _fresh_row(ctx, owner, report.errors) is None:
+                _remove_images(ctx, owner, [image_id], report, force=True)  # Space gone
+        _prune_networks(ctx, rows, report)
+        for space_id in rows:
+            row = _fresh_row(ctx, space_id, report.errors)
+            if row and row["stage"] not in stages.BUSY:
+                _prune_images(ctx, row, images, report)
     return report
 
 

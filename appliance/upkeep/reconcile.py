@@ -39,7 +39,8 @@ def reconcile_once(ctx: spaces.Context, spawn=jobs.spawn_job,
     - a Space that should serve but whose container is gone or dead is restarted by a worker;
     - a stopped or paused Space has no container left running;
     - containers of a Space other than the one serving it (an interrupted switch) are removed
-      unless work on the Space is under way;
+      unless work on the Space is under way (a switch owns the Space until its old container
+      has drained and is gone);
     - containers labelled by the appliance that no Space owns are removed (their images go in
       housekeeping's prune).
     """
@@ -114,6 +115,11 @@ def _retry_build(ctx: spaces.Context, row: dict, interrupted: str, spawn) -> boo
     if interrupted not in (stages.BUILDING, stages.RUNNING_BUILDING) or row["build_retried"]:
         return False
     if row["desired"] != "running":
+        # A retried build ends by starting the Space, and a stopped or paused one stays so
+        # until a person acts: the message says that nothing retries it by itself.
+        ctx.store.update_space(row["id"], error=(
+            f"{row['error']} (the Space is {row['desired']}, so the scheduler does not "
+            "retry it)"))
         return False
     ctx.store.update_space(row["id"], actor=ctx.actor, event="build-retry",
                            detail={"interrupted": interrupted}, build_retried=1)

@@ -48,7 +48,8 @@ def run_step(config: Config, name: str) -> None:
         report = STEPS[name](ctx)
         if getattr(report, "errors", None):
             log.warning("%s: %s", name, report)
-        elif getattr(report, "changed", False) or getattr(report, "unhealthy", None):
+        elif (getattr(report, "changed", False) or getattr(report, "unhealthy", None)
+              or getattr(report, "deferred", None)):
             log.info("%s: %s", name, report)
     except ApplianceError as exc:
         log.warning("%s failed: %s", name, exc)

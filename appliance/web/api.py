@@ -16,10 +16,24 @@ from .. import doctor, users
 from ..core import actions, spaces
 from ..errors import Forbidden, InvalidInput
 from ..gpu import claims
-from .base import caller, check, check_manage, context, json_body, may_see, require, visible_space
+from .base import (
+    caller,
+    check,
+    check_manage,
+    context,
+    field,
+    json_body,
+    may_see,
+    may_see_event,
+    query_int,
+    require,
+    shown,
+    visible_space,
+)
 
 PREFIX = "/api/v1"
-
+NAME_LENGTH = 200  # names, revisions, hardware requests, policies: short words
+SOURCE_LENGTH = 1 << 20  # the services name their own, smaller limits for a new Space
 
 
 def _space_id(owner: str, name: str) -> str:
@@ -41,11 +55,13 @@ def list_spaces():
 
 def add_space():
     data = json_body()
-    if not data.get("source"):
+    source = field(data, "source", str, max_length=SOURCE_LENGTH)
+    if not source:
         raise InvalidInput("'source' is required (a Space URL, hf:// id, git URL or path)")
-    space = actions.add(context(), str(data["source"]), name=data.get("name"),
-                              revision=data.get("revision"),
-                              hardware=data.get("hardware") or "cpu")
+    space = actions.add(context(), source,
+                        name=field(data, "name", str, max_length=SOURCE_LENGTH),
+                        revision=field(data, "revision", str, max_length=SOURCE_LENGTH),
+                        hardware=field(data, "hardware", str, max_length=NAME_LENGTH) or "cpu")
     return jsonify(space), 202
 
 
@@ -62,7 +78,7 @@ def delete_space(owner: str, name: str):
 def act(owner: str, name: str, action: str):
     space_id = _managed(owner, name)
     view = actions.perform(context(), space_id, action,
-                                 revision=json_body().get("revision"))
+                           revision=field(json_body(), "revision", str, max_length=NAME_LENGTH))
     return jsonify(view), 202
 
 
@@ -78,20 +94,28 @@ def space_logs(owner: str, name: str):
 
 
 def set_hardware(owner: str, name: str):
-    return jsonify(spaces.set_hardware(context(), _managed(owner, name),
-                                       str(json_body().get("hardware", ""))))
+    hardware = field(json_body(), "hardware", str, "", max_length=NAME_LENGTH)
+    return jsonify(spaces.set_hardware(context(), _managed(owner, name), hardware))
 
 
 def set_sleep_time(owner: str, name: str):
-    return jsonify(actions.set_sleep_time(context(), _managed(owner, name),
-                                                json_body().get("seconds")))
+    data = json_body()
+    seconds = data.get("seconds")
+    if isinstance(seconds, str):  # "never", "" or digits, as the settings form sends them
+        if seconds not in ("never", "") and not (seconds.isascii() and seconds.isdigit()
+                                                  and len(seconds) <= 18):
+            raise InvalidInput(f"'seconds' must be a whole number of seconds or 'never', "
+                               f"got {shown(seconds)}")
+    else:
+        seconds = field(data, "seconds", int, low=0)  # or null: never
+    return jsonify(actions.set_sleep_time(context(), _managed(owner, name), seconds))
 
 
 def set_update_policy(owner: str, name: str):
     data = json_body()
     return jsonify(actions.set_update_policy(
-        context(), _managed(owner, name), str(data.get("policy", "")), data.get("interval"),
-        data.get("revision")))
+        context(), _managed(owner, name), field(data, "policy", str, "", max_length=NAME_LENGTH),
+        field(data, "interval", int, low=0), field(data, "revision", str, max_length=NAME_LENGTH)))
 
 
 def set_resolution(owner: str, name: str):
@@ -99,9 +123,8 @@ def set_resolution(owner: str, name: str):
     if "resolution" not in data:
         raise InvalidInput("'resolution' is required: dated, latest, default or null",
                            hint='e.g. {"resolution": "dated"}')
-    value = data["resolution"]
-    return jsonify(actions.set_resolution(context(), space_id,
-                                          "default" if value is None else value))
+    value = field(data, "resolution", str, "default", max_length=NAME_LENGTH)
+    return jsonify(actions.set_resolution(context(), space_id, value))
 
 
 def forget_locks(owner: str, name: str):
@@ -117,14 +140,14 @@ def set_health(owner: str, name: str):
     from ..upkeep import health
 
     data = json_body()
-    interval = data.get("interval")
-    return jsonify(health.set_health(context(), _managed(owner, name), data.get("path"),
-                                     float(interval) if interval is not None else None))
+    return jsonify(health.set_health(context(), _managed(owner, name),
+                                     field(data, "path", str, max_length=2048),
+                                     field(data, "interval", float, low=0, high=86400 * 365)))
 
 
 def set_visibility(owner: str, name: str):
-    return jsonify(actions.set_visibility(context(), _managed(owner, name),
-                                                str(json_body().get("visibility", ""))))
+    visibility = field(json_body(), "visibility", str, "", max_length=NAME_LENGTH)
+    return jsonify(actions.set_visibility(context(), _managed(owner, name), visibility))
 
 
 def list_kv(owner: str, name: str, kind: str):
@@ -138,7 +161,8 @@ def list_kv(owner: str, name: str, kind: str):
 
 def set_kv(owner: str, name: str, kind: str, key: str):
     space_id = _managed(owner, name)
-    spaces.set_value(context(), kind, space_id, key, str(json_body().get("value", "")))
+    value = field(json_body(), "value", str, "", nullable=False)
+    spaces.set_value(context(), kind, space_id, key, value)
     return jsonify({"ok": True, "key": key})
 
 
@@ -151,10 +175,11 @@ def delete_kv(owner: str, name: str, kind: str, key: str):
 
 def list_events():
     ctx = context()
-    limit = min(int(request.args.get("limit", 100)), 1000)
+    limit = query_int("limit", 100, 1, 1000)
     space_id = request.args.get("space")
     rows = ctx.store.events(space_id, limit)
-    return jsonify([r for r in rows if not r["space_id"] or _visible_id(r["space_id"])])
+    return jsonify([r for r in rows if may_see_event(r)
+                    and (not r["space_id"] or _visible_id(r["space_id"]))])
 
 
 def _visible_id(space_id: str) -> bool:
@@ -183,9 +208,10 @@ def list_users():
 
 def add_user():
     data = json_body()
-    return jsonify(users.add_user(context().store, str(data.get("name", "")),
-                                  str(data.get("role", "member")), str(data.get("password", "")),
-                                  caller().actor)), 201
+    return jsonify(users.add_user(
+        context().store, field(data, "name", str, "", max_length=NAME_LENGTH),
+        field(data, "role", str, "member", max_length=NAME_LENGTH),
+        field(data, "password", str, "", nullable=False, max_length=1024), caller().actor)), 201
 
 
 def delete_user(name: str):
@@ -200,14 +226,15 @@ def list_tokens():
 
 def create_token():
     data, who = json_body(), caller()
-    user = str(data.get("user") or who.user)
+    user = field(data, "user", str, max_length=NAME_LENGTH) or who.user
     if user != who.user:
         check("admin")
-    scope = str(data.get("scope", "read"))
+    scope = field(data, "scope", str, "read", max_length=NAME_LENGTH)
     if scope == "write" and not who.can_write:
         raise Forbidden(f"{who.user} is a {who.role}: only read tokens")
-    token_id, token = users.create_token(context().store, str(data.get("name", "")), user,
-                                         scope, who.actor)
+    token_id, token = users.create_token(
+        context().store, field(data, "name", str, "", max_length=NAME_LENGTH), user, scope,
+        who.actor)
     return jsonify({"id": token_id, "token": token, "user": user, "scope": scope}), 201
 
 

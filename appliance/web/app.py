@@ -17,6 +17,7 @@ from typing import Any
 
 from flask import Flask, current_app, jsonify, render_template, request
 from flask.sessions import SecureCookieSessionInterface
+from werkzeug.exceptions import HTTPException
 
 from ..adapters.runtime import Runtime
 from ..adapters.store import Store, open_store
@@ -86,9 +87,9 @@ def create_app(config: Config | None = None, context_factory: Callable[..., Any]
     app.before_request(check_csrf)
     app.teardown_appcontext(close_context)
     app.register_error_handler(ApplianceError, _render_error)
-    app.register_error_handler(404, _render_http_error)
-    app.register_error_handler(405, _render_http_error)
-    app.register_error_handler(413, _render_http_error)
+    app.register_error_handler(HTTPException, _render_http_error)
+    # Flask logs an unexpected exception (with its traceback) before it calls this.
+    app.register_error_handler(500, _render_unexpected_error)
     app.context_processor(lambda: {"caller": caller(), "csrf_token": csrf_token,
                                    "config": config})
 
@@ -122,7 +123,7 @@ def _app_frames(environ: dict[str, Any], config: Config) -> str:
     if not config.portal_apps_port:
         return "'self'"
     scheme, port = environ.get("wsgi.url_scheme", "http"), config.portal_apps_port
-    hostname = proxy._hostname(environ)  # exactly the host proxy.apps_url uses
+    hostname = proxy._hostname(environ, config)  # exactly the host proxy.apps_url uses
     # A Host header that is not a host name must not write directives into the header.
     frames = [f"{scheme}://{hostname}:{port}"] if _HOST.fullmatch(hostname) else []
     domain = config.portal_apps_domain
@@ -142,13 +143,34 @@ def _render_error(exc: ApplianceError):
                            hint=exc.hint), exc.status
 
 
-def _render_http_error(exc):
-    status = exc.code
+def _render_http_error(exc: HTTPException):
+    status = exc.code or 500
     message = {404: "Not found", 405: "Method not allowed",
                413: "The upload is larger than the portal accepts"}.get(status, exc.name)
     if wants_json():
         return jsonify(error_body(status, message, None)), status
+    if not _can_link():
+        return exc
     return render_template("error.html", status=status, message=message, hint=None), status
+
+
+def _can_link() -> bool:
+    """Whether the error page can be drawn: an unreadable Host header leaves no URL adapter
+    for its links, and then werkzeug's own plain page answers."""
+    from flask.globals import request_ctx
+
+    return request_ctx.url_adapter is not None
+
+
+def _render_unexpected_error(exc: HTTPException):
+    """A bug (already logged with its traceback): the API's envelope, or the error page."""
+    message = "The portal failed unexpectedly (a bug in the appliance)"
+    hint = "the details are in the portal's log ('journalctl -u appliance-portal')"
+    if wants_json():
+        return jsonify(error_body(500, message, hint)), 500
+    if not _can_link():
+        return exc
+    return render_template("error.html", status=500, message=message, hint=hint), 500
 
 
 def static_root() -> Path:

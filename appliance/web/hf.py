@@ -25,6 +25,7 @@ from ..core import actions, builds, spaces
 from ..errors import ApplianceError, Conflict, InvalidInput, NotFound, Unauthorized
 from ..gpu import allocation
 from .base import (
+    MAX_INT,
     UNSAFE,
     bearer_token,
     caller,
@@ -35,7 +36,9 @@ from .base import (
     csrf_exempt,
     error_body,
     json_body,
+    query_int,
     require,
+    shown,
     visible_space,
 )
 
@@ -281,7 +284,7 @@ def space_logs(owner: str, name: str, kind: str):
     if kind == "build":
         lines = _build_lines(ctx, space["id"])
     else:
-        tail = request.args.get("tail", type=int) or RUN_LOG_TAIL
+        tail = query_int("tail", RUN_LOG_TAIL, 0, 100_000) or RUN_LOG_TAIL
         lines = _run_lines(ctx, space, tail)
     return Response(_events(lines, redact, _hf_now()), mimetype="text/event-stream",
                     headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
@@ -430,24 +433,26 @@ def _managed(owner: str, name: str) -> dict[str, Any]:
 
 def _key(data: dict[str, Any]) -> str:
     key = data.get("key")
-    if not isinstance(key, str) or not key:
-        raise InvalidInput("Send the name as JSON {\"key\": NAME}")
+    if not isinstance(key, str) or not key or len(key) > 256:
+        raise InvalidInput("Send the name as JSON {\"key\": NAME}",
+                           hint=f"got {shown(key)}")
     return key
 
 
 def _key_value(data: dict[str, Any]) -> tuple[str, str]:
     value = data.get("value")
     if not isinstance(value, str):
-        raise InvalidInput("Send the value as a JSON string {\"key\": NAME, \"value\": TEXT}")
+        raise InvalidInput("Send the value as a JSON string {\"key\": NAME, \"value\": TEXT}",
+                           hint=f"'value' was {shown(value)}")
     return _key(data), value
 
 
 def _sleep_seconds(value: Any) -> int | None:
     if value == NEVER:
         return None
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INT:
         raise InvalidInput(f"Sleep time must be a whole number of seconds (or -1: never), "
-                           f"got {value!r}")
+                           f"got {shown(value)}")
     return value
 
 

@@ -34,8 +34,10 @@ from .base import (
     context,
     from_localhost,
     log_in,
+    log_out,
     may_manage,
     may_see,
+    may_see_event,
     require,
     visible_space,
 )
@@ -371,7 +373,7 @@ def system():
     checks = doctor.run_checks(ctx.config, podman_probe=lambda: podman or ctx.runtime.info())
     usage = shutil.disk_usage(ctx.config.data_path)
     events = [{**e, "detail_text": json.dumps(e["detail"]) if e["detail"] else ""}
-              for e in ctx.store.events(limit=100)]
+              for e in ctx.store.events(limit=100) if may_see_event(e)]
     return render_template(
         "system.html", checks=checks, events=events,
         podman_version=podman and podman.get("version"),
@@ -431,9 +433,7 @@ def login():
 
 @bp.post("/logout")
 def logout():
-    from flask import session
-
-    session.clear()
+    log_out()
     return redirect(url_for("pages.home"))
 
 
@@ -467,6 +467,25 @@ def account(new_token: str | None = None):
     return render_template("account.html", tokens=store.list_tokens(who.user),
                            users=store.list_users() if who.is_admin else [],
                            new_token=new_token)
+
+
+@bp.post("/account/password")
+@require("user")
+def password_change():
+    """Change one's own password: every session of the user ends, this one starts afresh."""
+    who = caller()
+    if who.via != "session":
+        raise Unauthorized("Log in to change your password")
+    form = request.form
+    try:
+        users.change_password(context().store, who.user, form.get("current", ""),
+                              form.get("password", ""), who.actor)
+    except ApplianceError as exc:
+        flash(exc.message + (f" — {exc.hint}" if exc.hint else ""), "error")
+        return redirect(url_for("pages.account"))
+    log_in(who)
+    flash("Password changed; every other login of yours has ended", "ok")
+    return redirect(url_for("pages.account"))
 
 
 @bp.post("/account/tokens")

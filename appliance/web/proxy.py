@@ -17,7 +17,11 @@ public URL from, so the same container answers on its own port and under the pre
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
+import functools
+import ipaddress
 import json
 import re
 import socket
@@ -35,6 +39,7 @@ from .. import users
 from ..adapters.store import Store
 from ..core.sources import validate_space_id
 from ..errors import InvalidInput, Unauthorized
+from .base import parse_bearer
 from .upstream import (
     Upstream,
     UpstreamClosed,
@@ -66,7 +71,6 @@ RESPONSE_OWN = frozenset({"date", "server"})
 CUSTOM_HEADERS = frozenset({
     "cross-origin-embedder-policy", "cross-origin-opener-policy", "cross-origin-resource-policy",
 })
-PORTAL_TOKEN = "bearer " + users.TOKEN_PREFIX
 # Bodies of known length from this size on are spliced to the visitor (under gunicorn);
 # smaller ones pass through Python, where a pipe's set-up would cost more than the copy.
 SPLICE_BODY = 128 * 1024
@@ -84,7 +88,9 @@ CACHED_ROWS = 512  # Space rows (and slugs) a thread keeps between requests
 # web_upstream is the same economy.)
 ROW_CHECK_SECONDS = 0.2
 _UNSEEN = object()
+_HOST_SYNTAX = re.compile(r"[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]")
 _COOKIE_PATH = re.compile(r"(;\s*path\s*=\s*)([^;]*)", re.IGNORECASE)
+_COOKIE_DOMAIN = re.compile(r";\s*domain\s*=[^;]*", re.IGNORECASE)
 
 
 def space_path(space_id: str) -> str:
@@ -156,7 +162,7 @@ class SpaceProxy:
         if self.apps_port:  # an old link, or one typed by hand: to the apps' origin
             query = environ.get("QUERY_STRING")
             location = (f"{environ.get('wsgi.url_scheme', 'http')}://"
-                        f"{_hostname(environ)}:{self.apps_port}{quote(path)}"
+                        f"{_hostname(environ, self.config)}:{self.apps_port}{quote(path)}"
                         + (f"?{query}" if query else ""))
             return _send(start_response, "307 Temporary Redirect", [("Location", location)],
                          b"")
@@ -237,10 +243,10 @@ class SpaceProxy:
         """None when the caller may use the Space; else a WSGI responder refusing them."""
         if row.get("visibility") != "private" and self.portal_public:
             return None
-        auth = environ.get("HTTP_AUTHORIZATION", "")
-        if auth[:len(PORTAL_TOKEN)].lower() == PORTAL_TOKEN:
+        token = parse_bearer(environ.get("HTTP_AUTHORIZATION"))
+        if token and token.startswith(users.TOKEN_PREFIX):
             try:
-                users.caller_for_token(self.store(), auth[7:].strip())
+                users.caller_for_token(self.store(), token)
                 return None
             except Unauthorized as exc:
                 message, hint = exc.message, exc.hint
@@ -266,15 +272,14 @@ class SpaceProxy:
             data = self.serializer.loads(value, max_age=self.session_max_age)
         except Exception:  # itsdangerous' BadSignature, expired, or garbage: not logged in
             return None
-        name = data.get("user") if isinstance(data, dict) else None
-        if not name:
-            return None
-        found = users.caller_for_user(self.store(), name)
+        sid = data.get("sid") if isinstance(data, dict) else None
+        found = users.caller_for_session(self.store(), sid)  # ended or expired: anonymous
         return found.user if found else None
 
     def portal_origin(self, environ: dict[str, Any]) -> str:
         """The portal's pages as seen from the apps' origin (or a Space's own host)."""
-        host = self.apps_domain if "appliance.host_slug" in environ else _hostname(environ)
+        host = (self.apps_domain if "appliance.host_slug" in environ
+                else _hostname(environ, self.config))
         return f"{environ.get('wsgi.url_scheme', 'http')}://{host}:{self.portal_port}"
 
     def login_url(self, environ: dict[str, Any]) -> str:
@@ -315,11 +320,11 @@ class SpaceProxy:
         headers.append(("Host", host))
         if environ.get("CONTENT_TYPE"):
             headers.append(("Content-Type", environ["CONTENT_TYPE"]))
-        _value, cookies = _split_cookie(environ.get("HTTP_COOKIE", ""), self.cookie_name)
+        cookies = _without_cookie(environ.get("HTTP_COOKIE", ""), self.cookie_name)
         if cookies:
             headers.append(("Cookie", cookies))
         auth = environ.get("HTTP_AUTHORIZATION")
-        if auth and auth[:len(PORTAL_TOKEN)].lower() != PORTAL_TOKEN:
+        if auth and not _carries_portal_token(auth):
             headers.append(("Authorization", auth))
         peer = environ.get("REMOTE_ADDR", "")
         chain = environ.get("HTTP_X_FORWARDED_FOR")
@@ -380,9 +385,20 @@ class SpaceProxy:
         return headers + add
 
     def rewrite_cookie(self, value: str, mount: str) -> str | None:
-        """Keep a Space's cookie under its prefix; never let it touch the portal's session."""
-        if value.split("=", 1)[0].strip() == self.cookie_name:
+        """Keep a Space's cookie on its own host and under its prefix; never let it touch the
+        portal's session.
+
+        A cookie with no name ("=x=1" or "x") is dropped: a browser sends it back as its bare
+        value, so "=appliance_session=forged" would come back as the portal's cookie. Domain
+        goes, so the cookie stays host-only: a Space on its own host (OWNER--NAME.DOMAIN)
+        cannot set cookies for the portal's host or another Space's.
+        """
+        pair = value.split(";", 1)[0]
+        name, equals, _ = pair.partition("=")
+        name = name.strip()
+        if not equals or not name or name.lower() == self.cookie_name.lower():
             return None
+        value = _COOKIE_DOMAIN.sub("", value)
 
         def under_mount(match: re.Match) -> str:
             path = match.group(2).strip()
@@ -649,7 +665,7 @@ class SpaceProxy:
 # -- helpers ----------------------------------------------------------------------------------
 
 
-def _hostname(environ: dict[str, Any]) -> str:
+def _host_header(environ: dict[str, Any]) -> str:
     """The host the visitor addressed, without its port ("[::1]" stays bracketed)."""
     host = environ.get("HTTP_HOST") or environ.get("SERVER_NAME", "localhost")
     if host.startswith("["):
@@ -657,11 +673,62 @@ def _hostname(environ: dict[str, Any]) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
+def _hostname(environ: dict[str, Any], config: Any) -> str:
+    """The host to write into links, redirects and the Space page's iframe: the one the
+    visitor addressed when it is one of the portal's own names or addresses, else the address
+    the connection came in on (or public_host), so a forged Host header is never reflected."""
+    host = _host_header(environ)
+    if _is_own_host(host, environ, config):
+        return host
+    return _local_address(environ) or config.public_host
+
+
+@functools.cache
+def _machine_names() -> frozenset[str]:
+    name = socket.gethostname().lower()
+    return frozenset({"localhost", name, f"{name}.local"})
+
+
+def _is_own_host(host: str, environ: dict[str, Any], config: Any) -> bool:
+    name = host.strip("[]").lower().rstrip(".")
+    if not name or not _HOST_SYNTAX.fullmatch(host):
+        return False
+    domain = config.portal_apps_domain.strip(".").lower()
+    if domain and (name == domain or name.endswith("." + domain)):
+        return True
+    if name == config.public_host.strip("[]").lower() or name in _machine_names():
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    local = _local_address(environ)
+    if local is None:  # no socket to ask (a test client): the address the server was given
+        return address.is_loopback or name == environ.get("SERVER_NAME", "").strip("[]")
+    return address.is_loopback or name == local.strip("[]").lower()
+
+
+def _local_address(environ: dict[str, Any]) -> str | None:
+    """The address of this machine the visitor's connection arrived on (bracketed IPv6)."""
+    for key in ("gunicorn.socket", "werkzeug.socket"):
+        sock = environ.get(key)
+        if sock is None:
+            continue
+        try:
+            address = ipaddress.ip_address(sock.getsockname()[0].split("%", 1)[0])
+        except (OSError, ValueError, TypeError, IndexError, AttributeError):
+            continue
+        mapped = getattr(address, "ipv4_mapped", None)
+        address = mapped or address
+        return f"[{address}]" if address.version == 6 else str(address)
+    return None
+
+
 def _host_slug(environ: dict[str, Any], domain: str) -> str | None:
     """OWNER--NAME when the visitor addressed OWNER--NAME.DOMAIN, else None."""
     if not domain:
         return None
-    host = _hostname(environ).lower()
+    host = _host_header(environ).lower()
     label, dot, rest = host.partition(".")
     return label if dot and rest == domain.lower() and "--" in label else None
 
@@ -685,7 +752,7 @@ def apps_url(environ: dict[str, Any], config: Any, space_id: str) -> str:
     if config.portal_apps_domain and re.fullmatch(r"[a-z0-9-]{1,63}", slug):
         return (f"{environ.get('wsgi.url_scheme', 'http')}://{slug.lower()}."
                 f"{config.portal_apps_domain}:{config.portal_apps_port}/")
-    return (f"{environ.get('wsgi.url_scheme', 'http')}://{_hostname(environ)}:"
+    return (f"{environ.get('wsgi.url_scheme', 'http')}://{_hostname(environ, config)}:"
             f"{config.portal_apps_port}{space_path(space_id)}")
 
 
@@ -733,18 +800,48 @@ def _forwarded_name(key: str) -> str | None:
 
 
 def _split_cookie(header: str, name: str) -> tuple[str | None, str]:
-    """Return (the named cookie's value, the Cookie header without it)."""
+    """Return (the named cookie's value as Flask reads it: the first, split on ';', and the
+    Cookie header without it)."""
     if name not in header:
         return None, header
     value = None
-    kept = []
     for part in header.split(";"):
         key, _eq, val = part.strip().partition("=")
-        if key == name:
+        if key == name and value is None:
             value = val
-        elif part.strip():
-            kept.append(part.strip())
-    return value, "; ".join(kept)
+    return value, _without_cookie(header, name)
+
+
+def _without_cookie(header: str, name: str) -> str:
+    """The Cookie header(s) without every copy of the named cookie. A server joins repeated
+    Cookie headers with ',' (gunicorn does), so a ',' ends the portal's cookie as ';' does
+    (the app's own values keep their commas)."""
+    if name not in header:
+        return header
+    kept = []
+    for part in header.split(";"):
+        pieces = [p for p in part.split(",") if p.strip().partition("=")[0].strip() != name]
+        text = ",".join(pieces).strip()
+        if text:
+            kept.append(text)
+    return "; ".join(kept)
+
+
+def _carries_portal_token(header: str) -> bool:
+    """Whether an Authorization header holds a portal token in any form: Bearer however
+    spaced or cased, one of several joined headers, or inside Basic credentials."""
+    if users.TOKEN_PREFIX in header:
+        return True
+    for value in header.split(","):
+        scheme, _, rest = value.strip().partition(" ")
+        if scheme.lower() == "basic":
+            try:
+                decoded = base64.b64decode(rest.strip() + "==", validate=False)
+            except (ValueError, binascii.Error):
+                continue
+            if users.TOKEN_PREFIX.encode() in decoded:
+                return True
+    return False
 
 
 def _upstream_target(environ: dict[str, Any], slug: str) -> str:
