@@ -14,8 +14,9 @@ A bundle is a plain (GNU) tar whose members are all regular files ("parts"):
 
 The manifest comes last so that export streams `podman save` straight into the bundle.
 Import streams the tar once into a staging directory inside the data dir, checks every part
-(and the signature) and only then loads images, fills the shared Hugging Face cache and adds
-or updates the Spaces.
+(and the signature), every entry of the manifest (Spaces, models, package files and locks)
+and every repository tree unpacked there, and only then loads images, fills the shared
+Hugging Face cache and adds or updates the Spaces.
 """
 
 from __future__ import annotations
@@ -152,6 +153,7 @@ class Staged:
     root: Path
     manifest: dict[str, Any]
     signed: bool
+    trees: dict[str, Path] = field(default_factory=dict)  # repository part -> unpacked tree
 
     def part(self, name: str) -> Path:
         """The staged file of a part the manifest names; refuse a name that is not a part
@@ -680,6 +682,8 @@ def import_bundle(ctx, path: Path, key: bytes | None = None, log: Log = _quiet,
     try:
         log(f"Checking {path}")
         staged = stage_bundle(Path(path), staging, key, require)
+        check_models(staged)
+        _check_entries(staged)
         checked = check_packages(staged, config.package_cache_path)
         _unpack_repos(staged)
         plans = _plan_spaces(ctx, staged)
@@ -697,37 +701,197 @@ def import_bundle(ctx, path: Path, key: bytes | None = None, log: Log = _quiet,
             "seconds": round(time.monotonic() - started, 2)}
 
 
+def _check_entries(staged: Staged) -> None:
+    """Check the shape of the manifest's Space and image entries (what later steps index),
+    so that a wrong JSON type is refused naming the entry, before anything is installed."""
+    manifest = staged.manifest
+    hint = "this bundle was altered or not made by an appliance"
+    images = manifest.get("images")
+    if not (isinstance(images, dict) and isinstance(images.get("part"), str)
+            and isinstance(images.get("tags"), list)
+            and all(isinstance(tag, str) for tag in images["tags"])):
+        raise BundleError(f"The bundle describes its images oddly: {_shown(images)}", hint=hint)
+    entries = manifest.get("spaces")
+    if not isinstance(entries, list):
+        raise BundleError(f"The bundle lists its Spaces oddly: {_shown(entries)}", hint=hint)
+    ids, repos = {}, {}
+    for number, entry in enumerate(entries, 1):
+        if not isinstance(entry, dict):
+            raise BundleError(f"Space entry {number} of the bundle is {_shown(entry)}, not an "
+                              "object", hint=hint)
+        bad = [key for key in ("id", "repo") if not isinstance(entry.get(key), str)]
+        if bad:
+            raise BundleError(f"Space entry {number} of the bundle ({_shown(entry.get('id'))}) "
+                              f"has no valid {', '.join(bad)}", hint=hint)
+        space_id, repo = entry["id"], entry["repo"]
+        if space_id in ids:
+            raise BundleError(f"The bundle lists Space {_shown(space_id)} twice (entries "
+                              f"{ids[space_id]} and {number})", hint=hint)
+        if repo in repos:
+            raise BundleError(f"Part {_shown(repo)} is named as the repository of both "
+                              f"{_shown(repos[repo])} and {_shown(space_id)}", hint=hint)
+        ids[space_id], repos[repo] = number, space_id
+    if manifest.get("models") and not entries and not images["tags"]:
+        raise BundleError("The bundle carries models but no image to unpack them into the "
+                          "models' volume with", hint="export the models with a Space")
+
+
 def _unpack_repos(staged: Staged) -> None:
-    for space in staged.manifest["spaces"]:
+    """Unpack each Space's repository part into its own folder of staging, outside the
+    parts' names (repos/x.tar and a part repos/x cannot collide)."""
+    trees = staged.root / "unpacked"
+    trees.mkdir()
+    for number, space in enumerate(staged.manifest["spaces"], 1):
         archive = staged.part(space["repo"])
-        target = archive.with_suffix("")
+        target = trees / str(number)
         target.mkdir()
         try:
             _extract_tree(archive, target)
-        except (tarfile.TarError, OSError) as exc:
+        except (tarfile.TarError, OSError, ValueError) as exc:
+            # ValueError: a name tarfile reads but the OS cannot take (a NUL in a pax name).
             raise BundleError(f"Part {space['repo']} (the repository of {space['id']}) cannot "
                               f"be unpacked: {exc}") from None
-        if not (target / ".git").exists():
+        if not (target / ".git").is_dir():
             raise BundleError(f"Part {space['repo']} holds no git repository for {space['id']}")
+        _defuse_git(target / ".git")
+        staged.trees[space["repo"]] = target
+
+
+# The only settings a bundled repository keeps: what git needs to read its objects. Anything
+# else in its .git/config (core.fsmonitor, core.sshCommand, aliases, filters, hooksPath…)
+# would be the bundle author's command run by the box's git; its hooks go for the same reason.
+_GIT_KEEP = ("core.repositoryformatversion", "core.bare", "extensions.objectformat")
+
+
+def _defuse_git(git_dir: Path) -> None:
+    """Give a bundled repository a config of its own making and no hooks."""
+    config = git_dir / "config"
+    kept = []
+    if config.is_file() and not config.is_symlink():
+        listed = subprocess.run(
+            ["git", "config", "--file", str(config), "--null", "--list"], capture_output=True,
+            check=False, env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                              "GIT_CONFIG_NOSYSTEM": "1", "HOME": str(git_dir)})
+        for entry in listed.stdout.decode(errors="replace").split("\0"):
+            key, _, value = entry.partition("\n")
+            if key.lower() in _GIT_KEEP:
+                kept.append((key.lower(), value))
+    config.unlink(missing_ok=True)
+    lines = ["[core]\n", "\tfilemode = true\n"]
+    lines += [f"\t{key.split('.', 1)[1]} = {value}\n" for key, value in kept
+              if key.startswith("core.") and value.strip().isalnum()]
+    formats = [value for key, value in kept if key == "extensions.objectformat"
+               and value in ("sha1", "sha256")]
+    if formats:
+        lines += ["[extensions]\n", f"\tobjectformat = {formats[-1]}\n"]
+    config.write_text("".join(lines))
+    hooks = git_dir / "hooks"
+    if hooks.is_symlink() or hooks.is_file():
+        hooks.unlink()
+    elif hooks.is_dir():
+        shutil.rmtree(hooks)
 
 
 def _extract_tree(archive: Path, target: Path) -> None:
-    """Extract a repository tar, refusing anything that would land outside target."""
+    """Extract a repository tar, refusing anything that would land outside target, and
+    then any symlink that leads outside it in the tree as finally unpacked.
+
+    Each member lands at its name read lexically: a name with "..", one under a link or one
+    over an earlier member is refused, as git never writes them. A link is kept (git stores
+    links) only when its target, read lexically from the link's own folder, stays inside,
+    and when following it through the whole unpacked tree never steps outside: it is checked
+    against the final tree because a later link can change where an earlier one leads
+    (a -> b/x; b -> e/e/../..; e -> .)."""
     root = target.resolve()
     with tarfile.open(archive, mode="r:") as tar:
         for member in tar:
-            dest = (root / member.name).resolve()
-            if dest != root and not dest.is_relative_to(root):
-                raise BundleError(f"{archive.name} holds a path outside its tree: {member.name}")
+            name = member.name
+            if "\x00" in name or "\x00" in member.linkname:
+                raise BundleError(f"{archive.name} holds a name with a NUL byte: {_shown(name)}"
+                                  + (f" -> {_shown(member.linkname)}" if member.linkname else ""))
+            parts = [part for part in name.split("/") if part not in ("", ".")]
+            if os.path.isabs(name) or ".." in parts:
+                # git never writes "..": refusing it keeps the lexical path the real one
+                where = "a path outside its tree" if _leaves(name) else "a path with '..' in it"
+                raise BundleError(f"{archive.name} holds {where}: {name}")
+            if len(parts) > _MAX_DEPTH or len(os.fsencode(name)) > _MAX_PATH:
+                raise BundleError(f"{archive.name} holds a path too long or too deep to unpack: "
+                                  f"{_shown(name)}")
+            for depth in range(1, len(parts)):
+                if os.path.islink(os.path.join(root, *parts[:depth])):
+                    raise BundleError(f"{archive.name} holds {_shown(name)} under the link "
+                                      f"{'/'.join(parts[:depth])}")
+            path = os.path.join(root, *parts)
+            if os.path.lexists(path) and not (member.isdir() and os.path.isdir(path)
+                                              and not os.path.islink(path)):
+                raise BundleError(f"{archive.name} holds {_shown(name)} over what an earlier "
+                                  "member unpacked there")
             if member.issym():
-                link = (dest.parent / member.linkname).resolve()
-                if os.path.isabs(member.linkname) or not link.is_relative_to(root):
+                if not parts or os.path.isabs(member.linkname) \
+                        or _leaves(os.path.join(*parts[:-1], member.linkname)):
                     raise BundleError(f"{archive.name} holds a link leaving its tree: "
-                                      f"{member.name} -> {member.linkname}")
-            elif not (member.isfile() or member.isdir()):
-                raise BundleError(f"{archive.name} holds {member.name}, not a file or directory")
+                                      f"{name} -> {member.linkname}")
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                os.symlink(member.linkname, path)
+                continue
+            if not (member.isfile() or member.isdir()):
+                raise BundleError(f"{archive.name} holds {name}, not a file or directory")
             member.mode = (member.mode or 0o644) & 0o755 | (0o700 if member.isdir() else 0o600)
-            tar.extract(member, root, set_attrs=not member.issym())
+            member.uid, member.gid, member.uname, member.gname = os.getuid(), os.getgid(), "", ""
+            if not (isinstance(member.mtime, int | float) and 0 <= member.mtime < 2**33):
+                member.mtime = 0  # a pax header may say inf or nan, which utime cannot take
+            tar.extract(member, root)
+    for top, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(dirs + files):
+            path = os.path.join(top, name)
+            if os.path.islink(path):
+                relative = os.path.relpath(path, root)
+                problem = _follow_link(root, relative)
+                if problem:
+                    raise BundleError(f"{archive.name} holds {problem}: {relative} -> "
+                                      f"{os.readlink(path)}")
+
+
+def _leaves(relative: str) -> bool:
+    """Whether a path, read lexically (no link followed), is absolute or climbs out."""
+    normal = os.path.normpath(relative)
+    return os.path.isabs(normal) or normal == ".." or normal.startswith("../")
+
+
+_MAX_LINKS = 40  # as Linux follows at most 40 links in one lookup
+_MAX_DEPTH = 255  # folders in a repository path (os.makedirs recurses once per folder)
+_MAX_PATH = 4095  # bytes, as Linux's PATH_MAX
+
+
+def _follow_link(root: Path, relative: str) -> str | None:
+    """Follow the path relative (a link in root) as the kernel would, one name at a time;
+    say what is wrong when a step leaves root (even on the way: a path that leaves and comes
+    back by the tree's own name leads elsewhere once the tree is copied) or links loop."""
+    pending = relative.split("/")
+    where: list[str] = []  # real names from root: never a link
+    followed = 0
+    while pending:
+        name = pending.pop(0)
+        if name in ("", "."):
+            continue
+        if name == "..":
+            if not where:
+                return "a link leaving its tree"
+            where.pop()
+            continue
+        path = os.path.join(root, *where, name)
+        if not os.path.islink(path):
+            where.append(name)  # a folder, a file or nothing: the kernel stops at the last two
+            continue
+        followed += 1
+        if followed > _MAX_LINKS:
+            return "links that loop or chain too deep"
+        target = os.readlink(path)
+        if os.path.isabs(target):
+            return "a link leaving its tree"
+        pending[:0] = target.split("/")
+    return None
 
 
 @dataclass
@@ -744,8 +908,12 @@ def _plan_spaces(ctx, staged: Staged) -> list[_SpacePlan]:
     repos = repos_dir(ctx.config)
     for entry in staged.manifest["spaces"]:
         space_id = sources.validate_space_id(entry["id"])
-        if not _HEX40.fullmatch(entry.get("revision") or ""):
+        if not isinstance(entry.get("revision"), str) or not _HEX40.fullmatch(entry["revision"]):
             raise BundleError(f"The bundle gives {space_id} no valid revision")
+        if not isinstance(entry.get("image"), str) or not entry["image"]:
+            raise BundleError(f"The bundle gives {space_id} no valid image: "
+                              f"{_shown(entry.get('image'))}",
+                              hint="this bundle was altered or not made by an appliance")
         slug = builds.image_repository(space_id).split("/", 1)[1]
         repo = repos / slug
         row = ctx.store.find_space(space_id)
@@ -915,27 +1083,16 @@ def _adopt_image(ctx, image: str, log: Log) -> None:
 def model_archive(staged: Staged, dest: Path) -> list[str]:
     """Lay the bundle's models out as a Hugging Face cache (hub/models--o--n/{blobs,
     snapshots/<rev>/…,refs/main}) in a tar; return the top directories it fills."""
+    models = check_models(staged)
     tops = []
     with tarfile.open(dest, mode="w", format=tarfile.GNU_FORMAT) as tar:
         _add_dir(tar, "hub")
-        for model in staged.manifest["models"]:
+        for model in models:
             top = f"hub/{model['dir']}"
-            if not re.fullmatch(r"(models|datasets)--[\w.-]+--[\w.-]+", model["dir"]) or \
-                    not _HEX40.fullmatch(model["revision"]):
-                raise BundleError(f"The bundle describes model {model.get('repo_id')} oddly")
             tops.append(top)
             for sub in ("", "/blobs", "/refs", "/snapshots", f"/snapshots/{model['revision']}"):
                 _add_dir(tar, top + sub)
-            files = model.get("files")
-            if not isinstance(files, dict):
-                raise BundleError(f"The bundle describes model {model.get('repo_id')} oddly")
-            for relative, blob in files.items():
-                _check_model_file(model, relative, blob)
-            ref_name = model.get("requested_revision") or "main"
-            if not isinstance(ref_name, str) or not _REF_NAME.fullmatch(ref_name) \
-                    or ".." in ref_name:
-                raise BundleError(f"Model {model.get('repo_id')} names a bad revision "
-                                  f"{str(ref_name)[:80]!r}")
+            files = model["files"]
             for blob in sorted(set(files.values())):
                 tar.add(staged.part(f"models/{model['dir']}/blobs/{blob}"),
                         arcname=f"{top}/blobs/{blob}", filter=_readable)
@@ -952,7 +1109,7 @@ def model_archive(staged: Staged, dest: Path) -> list[str]:
                 link.linkname = "../" * (len(parts) + 1) + f"blobs/{blob}"
                 tar.addfile(link)
             ref = (model["revision"]).encode()
-            info = tarfile.TarInfo(f"{top}/refs/{ref_name}")
+            info = tarfile.TarInfo(f"{top}/refs/{model.get('requested_revision') or 'main'}")
             info.size, info.mode = len(ref), 0o644
             tar.addfile(info, io.BytesIO(ref))
     return tops
@@ -961,6 +1118,66 @@ def model_archive(staged: Staged, dest: Path) -> list[str]:
 _BLOB_NAME = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # git blob sha1, LFS sha256
 _REF_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
 _PATH_PART = re.compile(r"[^\x00-\x1f\x7f/\\]{1,255}")
+_MODEL_DIR = re.compile(r"(models|datasets)--[\w.-]+--[\w.-]+")
+
+
+def check_models(staged: Staged) -> list[dict[str, Any]]:
+    """Check every model entry of the manifest (its folder, revision, ref, file paths and
+    blobs, each blob a part the bundle holds) and return them; raise BundleError naming the
+    entry. Runs before anything is installed; nothing is written."""
+    models = staged.manifest.get("models")
+    if not isinstance(models, list):
+        raise BundleError(f"The bundle lists its models oddly: {_shown(models)}",
+                          hint="this bundle was altered or not made by an appliance")
+    dirs: dict[str, str] = {}
+    for number, model in enumerate(models, 1):
+        _check_model(model, number)
+        name = model.get("repo_id")
+        if model["dir"] in dirs:
+            raise BundleError(f"Model {name} and model {dirs[model['dir']]} both fill the "
+                              f"cache folder {model['dir']}", hint="this bundle was altered")
+        dirs[model["dir"]] = name
+        for relative, blob in model["files"].items():
+            try:
+                staged.part(f"models/{model['dir']}/blobs/{blob}")
+            except BundleError:
+                raise BundleError(f"Model {name} names blob {blob} for {relative!r}, which the "
+                                  "bundle does not hold", hint="export the bundle again") from None
+    return models
+
+
+def _check_model(model: Any, number: int) -> None:
+    hint = "this bundle was altered or not made by an appliance"
+    if not isinstance(model, dict):
+        raise BundleError(f"The bundle describes model entry {number} oddly: it is "
+                          f"{_shown(model)}, not an object", hint=hint)
+    name = model.get("repo_id")
+    if not isinstance(name, str) or not _REPO_ID.fullmatch(name):
+        raise BundleError(f"The bundle describes model entry {number} oddly: its repo_id is "
+                          f"{_shown(name)}", hint=hint)
+    folder, revision, files = model.get("dir"), model.get("revision"), model.get("files")
+    if not isinstance(folder, str) or not _MODEL_DIR.fullmatch(folder):
+        raise BundleError(f"The bundle describes model {name} oddly: its dir is "
+                          f"{_shown(folder)}, not a cache folder (models--owner--name)",
+                          hint=hint)
+    if not isinstance(revision, str) or not _HEX40.fullmatch(revision):
+        raise BundleError(f"The bundle describes model {name} oddly: its revision is "
+                          f"{_shown(revision)}, not 40 hex digits", hint=hint)
+    if not isinstance(files, dict):
+        raise BundleError(f"The bundle describes model {name} oddly: its files are "
+                          f"{_shown(files)}, not paths mapped to blobs", hint=hint)
+    for relative, blob in files.items():
+        _check_model_file(model, relative, blob)
+    for relative in files:
+        parts = relative.split("/")
+        for depth in range(1, len(parts)):
+            above = "/".join(parts[:depth])
+            if above in files:
+                raise BundleError(f"Model {name} lists {above!r} both as a file and as the "
+                                  f"folder of {relative!r}", hint=hint)
+    ref_name = model.get("requested_revision") or "main"
+    if not isinstance(ref_name, str) or not _REF_NAME.fullmatch(ref_name) or ".." in ref_name:
+        raise BundleError(f"Model {name} names a bad revision {str(ref_name)[:80]!r}")
 
 
 def _check_model_file(model: dict[str, Any], relative: Any, blob: Any) -> None:
@@ -993,8 +1210,9 @@ def _install_models(ctx, staged: Staged, loaded: list[str], log: Log) -> None:
         return
     archive = staged.root / "hf-cache.tar"
     tops = model_archive(staged, archive)
+    # _check_entries made sure there is an image to run the fill in.
     helper_image = staged.manifest["spaces"][0]["image"] if staged.manifest["spaces"] \
-        else loaded[0]
+        else (loaded or staged.manifest["images"]["tags"])[0]
     ctx.runtime.ensure_volume(spaces.HF_CACHE_VOLUME, {spaces.LABEL_ROLE: "hf-cache"})
     ctx.runtime.fill_volume(spaces.HF_CACHE_VOLUME, archive, helper_image,
                             chown_paths=["hub", *tops])
@@ -1005,7 +1223,7 @@ def _apply_space(ctx, staged: Staged, plan: _SpacePlan, locks: list[dict[str, An
                  log: Log) -> dict[str, Any]:
     entry = plan.entry
     space_id, sha, image = entry["id"], entry["revision"], entry["image"]
-    unpacked = staged.part(entry["repo"]).with_suffix("")
+    unpacked = staged.trees[entry["repo"]]
     plan.repo.parent.mkdir(parents=True, exist_ok=True)
     incoming = plan.repo.with_name(f".{plan.repo.name}.incoming-{pysecrets.token_hex(3)}")
     shutil.copytree(unpacked, incoming, symlinks=True)
