@@ -69,6 +69,9 @@ NO_DRIVER = Inventory(available=False, reason="no NVIDIA driver (libnvidia-ml.so
     (" GPU:1 ", HardwareRequest("gpu", count=1)),
     ("mig:1g.10gb", HardwareRequest("mig", mig_profile="1g.10gb")),
     ("mig:1g.10gb+me", HardwareRequest("mig", mig_profile="1g.10gb+me")),
+    ("mig:1g.10gb+me.all", HardwareRequest("mig", mig_profile="1g.10gb+me.all")),
+    ("mig:1g.10gb-me", HardwareRequest("mig", mig_profile="1g.10gb-me")),
+    ("mig:2g.24gb+gfx", HardwareRequest("mig", mig_profile="2g.24gb+gfx")),
     ("shared:8192", HardwareRequest("shared", memory_mib=8192)),
     ("shared:8g", HardwareRequest("shared", memory_mib=8192)),
     ("shared:8GiB", HardwareRequest("shared", memory_mib=8192)),
@@ -330,8 +333,9 @@ def test_a_mig_device_is_given_to_one_space_only():
     decision = admit(parse_hardware("mig:1g.10gb"), "team/c", inventory, existing)
     assert decision == Decision(False, None, (
         "No 1g.10gb MIG device is free: GPU 0 (A100) MIG 0 is given to team/a; "
-        "GPU 0 (A100) MIG 1 is given to team/b; free MIG devices of other sizes: "
-        "GPU 0 (A100) MIG 2 (19968 MiB), GPU 0 (A100) MIG 3 (40192 MiB)"))
+        "GPU 0 (A100) MIG 1 is given to team/b; free MIG devices of other profiles: "
+        "GPU 0 (A100) MIG 2 (19968 MiB, profile unknown), "
+        "GPU 0 (A100) MIG 3 (40192 MiB, profile unknown)"))
 
 
 def test_a_mig_profile_no_device_matches_is_refused_with_the_sizes_there_are():
@@ -339,8 +343,41 @@ def test_a_mig_profile_no_device_matches_is_refused_with_the_sizes_there_are():
     decision = admit(parse_hardware("mig:7g.80gb"), "team/a", inventory, [])
     assert decision.reason == (
         "No MIG device matches 7g.80gb (about 81920 MiB) on this box; free MIG devices of "
-        "other sizes: GPU 0 (A100) MIG 0 (9728 MiB), GPU 0 (A100) MIG 1 (9728 MiB), "
-        "GPU 0 (A100) MIG 2 (19968 MiB), GPU 0 (A100) MIG 3 (40192 MiB)")
+        "other profiles: GPU 0 (A100) MIG 0 (9728 MiB, profile unknown), "
+        "GPU 0 (A100) MIG 1 (9728 MiB, profile unknown), "
+        "GPU 0 (A100) MIG 2 (19968 MiB, profile unknown), "
+        "GPU 0 (A100) MIG 3 (40192 MiB, profile unknown)")
+
+
+# H100 80GB: 1g.20gb and 2g.20gb hold the same memory; MIG 3 is one compute instance of two
+# in a 3g.40gb GPU instance.
+H100_MIGS = (MigDevice(0, "MIG-0-0", 19968, profile="1g.20gb"),
+             MigDevice(1, "MIG-0-1", 19968, profile="2g.20gb"),
+             MigDevice(2, "MIG-0-2", 9728, profile="1g.10gb+me"),
+             MigDevice(3, "MIG-0-3", 40192, profile="1c.3g.40gb"))
+
+
+def test_mig_devices_of_equal_memory_are_placed_by_their_profile():
+    inventory = box(gpu(0, memory=81559, name="NVIDIA H100 80GB HBM3", migs=H100_MIGS))
+    for profile, expected in (("2g.20gb", "MIG-0-1"), ("1g.20gb", "MIG-0-0"),
+                              ("1g.10gb+me", "MIG-0-2")):
+        decision = admit(parse_hardware(f"mig:{profile}"), "team/a", inventory, [])
+        assert decision.allocation.mig_uuid == expected, profile
+    taken = [mig_of("team/a", "GPU-0", "MIG-0-1")]
+    decision = admit(parse_hardware("mig:2g.20gb"), "team/b", inventory, taken)
+    assert decision.reason == (
+        "No 2g.20gb MIG device is free: GPU 0 (H100 80GB HBM3) MIG 1 is given to team/a; "
+        "free MIG devices of other profiles: GPU 0 (H100 80GB HBM3) MIG 0 (1g.20gb), "
+        "GPU 0 (H100 80GB HBM3) MIG 2 (1g.10gb+me), GPU 0 (H100 80GB HBM3) MIG 3 (1c.3g.40gb)")
+
+
+def test_a_named_mig_device_is_not_matched_by_memory_nor_a_compute_share_as_its_instance():
+    inventory = box(gpu(0, memory=81559, name="NVIDIA H100", migs=H100_MIGS))
+    # 1g.10gb+me has the memory of a 1g.10gb; 1c.3g.40gb is a third of a 3g.40gb.
+    for profile in ("1g.10gb", "3g.40gb"):
+        decision = admit(parse_hardware(f"mig:{profile}"), "team/a", inventory, [])
+        assert not decision.admitted, profile
+        assert decision.reason.startswith(f"No MIG device matches {profile} (about ")
 
 
 def test_mig_on_a_box_without_mig_mode_says_how_to_enable_it():

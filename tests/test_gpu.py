@@ -119,14 +119,16 @@ process gpu=1 pid=4321 used_mib=2048
 def test_mig_enabled_gpu_lists_its_mig_devices(fake_nvml, tmp_path):
     inventory = read(fake_nvml, tmp_path, f"""
 gpu index=0 {A100} uuid=GPU-aaaa mig=1
-mig parent=0 index=0 uuid=MIG-0000 mem_total_mib=19968
-mig parent=0 index=2 uuid=MIG-2222 mem_total_mib=9856 mem_used_mib=13
+mig parent=0 index=0 uuid=MIG-0000 profile=2g.20gb gi=3
+mig parent=0 index=2 uuid=MIG-2222 profile=1g.10gb gi=9 mem_total_mib=9856 mem_used_mib=13
 """)
     gpu = inventory["gpus"][0]
     assert gpu["mig_enabled"] is True
     assert gpu["mig_devices"] == [
-        {"index": 0, "uuid": "MIG-0000", "memory_total_mib": 19968, "processes": []},
-        {"index": 2, "uuid": "MIG-2222", "memory_total_mib": 9856, "processes": []},
+        {"index": 0, "uuid": "MIG-0000", "memory_total_mib": 19968, "processes": [],
+         "profile": "2g.20gb", "gpu_instance_id": 3, "compute_instance_id": 0},
+        {"index": 2, "uuid": "MIG-2222", "memory_total_mib": 9856, "processes": [],
+         "profile": "1g.10gb", "gpu_instance_id": 9, "compute_instance_id": 0},
     ]
     # NVML gives no whole-GPU utilisation in MIG mode; empty slots are not failures.
     assert gpu["utilization_gpu"] is None

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from appliance.gpu import nvml
 from tests.conftest import FAKE_NVML_SOURCE
 from tests.test_gpu import A100, ORIN_MEMINFO, read, run_python
 
@@ -103,8 +104,8 @@ def test_a_gpu_in_mig_mode_lists_each_mig_devices_processes(fake_nvml, tmp_path)
     # NO_PERMISSION there): the processes come from each MIG device's own handle.
     inventory = read(fake_nvml, tmp_path, f"""
 gpu index=0 {A100} uuid=GPU-aaaa mig=1
-mig parent=0 index=0 uuid=MIG-0000 mem_total_mib=9856
-mig parent=0 index=1 uuid=MIG-1111 mem_total_mib=9856
+mig parent=0 index=0 uuid=MIG-0000 profile=1g.10gb mem_total_mib=9856
+mig parent=0 index=1 uuid=MIG-1111 profile=1g.10gb mem_total_mib=9856
 process gpu=0 mig=0 pid=4000 used_mib=1000
 process gpu=0 mig=1 pid=4100 used_mib=2000
 process gpu=0 mig=1 pid=4101 used_mib=50 type=mps
@@ -157,3 +158,93 @@ def test_a_jetson_is_told_by_its_nvml_name_without_any_l4t_file(fake_nvml, tmp_p
     assert (gpu["name"], gpu["jetson"]) == ("Orin (nvgpu)", True)
     assert gpu["memory_total_mib"] == 64335836 // 1024
     assert gpu["memory_free_mib"] == 60398472 // 1024
+
+
+# An H100 80GB in MIG mode: 1g.20gb and 2g.20gb have the same memory and differ in compute;
+# MIG 3 is one of two compute instances of a 3g.40gb GPU instance.
+H100_MIG = """
+gpu index=0 name="NVIDIA H100 80GB HBM3" uuid=GPU-aaaa mem_total_mib=81559 mig=1
+mig parent=0 index=0 uuid=MIG-a profile=1g.20gb gi=9
+mig parent=0 index=1 uuid=MIG-b profile=2g.20gb gi=3
+mig parent=0 index=2 uuid=MIG-c profile=1g.10gb+me gi=11
+mig parent=0 index=3 uuid=MIG-d profile=3g.40gb gi=2 ci=1 ci_slices=1
+"""
+PLACE = (
+    "import json, sys\n"
+    "from pathlib import Path\n"
+    "from types import SimpleNamespace\n"
+    "from appliance.gpu import allocation, claims\n"
+    "from appliance.gpu.nvml import read_inventory\n"
+    "inventory = read_inventory(Path(sys.argv[1]))\n"
+    "placed = {}\n"
+    "for profile in sys.argv[2:]:\n"
+    "    decision = allocation.admit(allocation.parse_hardware(profile), 'team/a', inventory, [])\n"
+    "    held = decision.allocation\n"
+    "    config = SimpleNamespace(cdi_kind='nvidia.com/gpu', cdi_names='index', gpu_mps=False)\n"
+    "    placed[profile] = held and claims.injection(held, inventory, config).devices\n"
+    "print(json.dumps({'inventory': inventory.to_dict(), 'placed': placed}))\n"
+)
+
+
+def place(lib_dir: Path, tmp_path: Path, config: str, *requests: str) -> dict:
+    (tmp_path / "nvml.conf").write_text(config)
+    (tmp_path / "root").mkdir(exist_ok=True)
+    return json.loads(run_python(lib_dir, tmp_path / "nvml.conf", PLACE, str(tmp_path / "root"),
+                                 *requests))
+
+
+def test_mig_devices_of_equal_memory_are_told_apart_by_profile_and_placed_by_name(fake_nvml,
+                                                                                  tmp_path):
+    seen = place(fake_nvml, tmp_path, H100_MIG, "mig:2g.20gb", "mig:1g.20gb", "mig:1g.10gb+me",
+                 "mig:3g.40gb")
+    gpu = seen["inventory"]["gpus"][0]
+    assert [(m["profile"], m["memory_total_mib"], m["gpu_instance_id"],
+             m["compute_instance_id"]) for m in gpu["mig_devices"]] == [
+        ("1g.20gb", 19968, 9, 0), ("2g.20gb", 19968, 3, 0), ("1g.10gb+me", 9728, 11, 0),
+        ("1c.3g.40gb", 40192, 2, 1)]
+    assert gpu["warnings"] == []
+    # CDI names as `nvidia-ctk cdi generate` writes them: GPU index, then the MIG device's index.
+    assert seen["placed"] == {"mig:2g.20gb": ["nvidia.com/gpu=0:1"],
+                              "mig:1g.20gb": ["nvidia.com/gpu=0:0"],
+                              "mig:1g.10gb+me": ["nvidia.com/gpu=0:2"],
+                              "mig:3g.40gb": None}  # a share of one is not the whole instance
+
+
+def test_the_service_account_names_profiles_from_attributes_without_the_variant(fake_nvml,
+                                                                                tmp_path):
+    # A GPU instance is reachable by root only: the service account reads each MIG device's
+    # attributes (slices, memory), which name it but cannot say "+me".
+    config = H100_MIG + "error nvmlDeviceGetGpuInstanceById NVML_ERROR_NO_PERMISSION\n"
+    seen = place(fake_nvml, tmp_path, config, "mig:2g.20gb", "mig:1g.10gb")
+    gpu = seen["inventory"]["gpus"][0]
+    assert [m["profile"] for m in gpu["mig_devices"]] == [
+        "1g.20gb", "2g.20gb", "1g.10gb", "1c.3g.40gb"]
+    assert gpu["warnings"] == []
+    assert seen["placed"] == {"mig:2g.20gb": ["nvidia.com/gpu=0:1"],
+                              "mig:1g.10gb": ["nvidia.com/gpu=0:2"]}
+
+
+def test_a_driver_without_the_mig_profile_calls_falls_back_to_memory_with_a_warning(tmp_path):
+    old = build(tmp_path / "no-mig-profile", "FAKE_NVML_NO_MIG_PROFILE")
+    seen = place(old, tmp_path, H100_MIG, "mig:2g.20gb", "mig:3g.40gb")
+    gpu = seen["inventory"]["gpus"][0]
+    assert [m["profile"] for m in gpu["mig_devices"]] == [None, None, None, None]
+    assert gpu["warnings"][0] == (
+        "MIG device 0 profile: this driver has no MIG profile calls (nvmlDeviceGetAttributes, "
+        "nvmlDeviceGetGpuInstanceId; upgrade the NVIDIA driver): mig:PROFILE requests are "
+        "matched by its memory alone (19968 MiB), which cannot tell profiles of equal memory "
+        "apart (1g.20gb, 2g.20gb)")
+    assert len(gpu["warnings"]) == 4
+    # By memory alone the first 20 GB device is taken: the 1g.20gb, not the 2g.20gb asked for.
+    assert seen["placed"] == {"mig:2g.20gb": ["nvidia.com/gpu=0:0"],
+                              "mig:3g.40gb": ["nvidia.com/gpu=0:3"]}
+
+
+@pytest.mark.parametrize(("memory_mb", "gpu_mib", "gb"), [
+    (4864, 40960, 5),  # A100-SXM4-40GB 1g.5gb
+    (5952, 24576, 6),  # A30 1g.6gb
+    (9728, 81920, 10), (19968, 81920, 20), (40192, 81920, 40), (80896, 81920, 80),  # A100 80GB
+    (11008, 95830, 12),  # H100 NVL 1g.12gb: not its memory rounded (11), NVIDIA's eighths
+])
+def test_a_profile_names_its_memory_as_nvidia_does(memory_mb, gpu_mib, gb):
+    assert nvml._memory_gb(memory_mb, gpu_mib) == gb

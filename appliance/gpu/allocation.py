@@ -13,7 +13,8 @@ The rules, all of which ``admit`` keeps:
 - shared budgets on one GPU add up to at most its memory less a reserve;
 - placement is deterministic best-fit: a shared budget goes to the GPU with the least room
   left that still holds it (ties: lowest index), ``gpu:N`` takes the lowest-index free GPUs,
-  ``mig`` the first free matching device by GPU then MIG index;
+  ``mig`` the first free device of that profile by GPU then MIG index (by its memory where the
+  driver names no profile);
 - a Jetson's integrated GPU uses the system memory: it takes shared budgets (counted against
   that memory) and nothing else.
 """
@@ -39,9 +40,11 @@ MAX_SHARED_MIB = 1024 * 1024  # 1 TiB: above any one GPU's (or Jetson's) memory
 
 _COUNT = re.compile(r"gpu:(\d+)")
 _SIZE = re.compile(r"shared:(\d+)\s*(m|mb|mib|g|gb|gib)?")
-# NVIDIA's GPU-instance profile names: slices of compute, then nominal memory ("+me": the
-# media-extension variant). Compute-instance names ("1c.2g.20gb") are not handed out.
-_MIG_PROFILE = re.compile(r"([1-8])g\.(\d{1,4})gb(\+me)?")
+# NVIDIA's GPU-instance profile names: slices of compute, then nominal memory, then a variant
+# ("+me" with media extensions, "+me.all", "-me" without, "+gfx" with graphics). A MIG device
+# that is one of several compute instances of its GPU instance ("1c.2g.20gb") is not handed
+# out for a request: it holds part of the slices the name promises.
+_MIG_PROFILE = re.compile(r"([1-8])g\.(\d{1,4})gb(\+me|\+me\.all|-me|\+gfx)?")
 _UNIT_MIB = {None: 1, "m": 1, "mb": 1, "mib": 1, "g": 1024, "gb": 1024, "gib": 1024}
 
 # A MIG device's real size sits a little under the nominal size in its profile name (A100
@@ -195,11 +198,19 @@ def profile_memory_mib(profile: str) -> int:
     return int(found[2]) * 1024
 
 
-def _matches_profile(device: MigDevice, nominal_mib: int) -> bool:
-    # The inventory does not read a MIG device's profile, only its memory: profiles of equal
-    # memory and different compute (H100 1g.20gb and 2g.20gb) cannot be told apart yet.
+def _matches_profile(device: MigDevice, profile: str, nominal_mib: int) -> bool:
+    if device.profile is not None:
+        return device.profile == profile
+    # A driver that names no profile leaves the memory alone, which cannot tell profiles of
+    # equal memory and different compute apart (H100 1g.20gb and 2g.20gb): the inventory
+    # carries a warning saying so.
     size = device.memory_total_mib
     return size is not None and _MIG_LOW * nominal_mib <= size <= _MIG_HIGH * nominal_mib
+
+
+def _describe_mig(gpu: Gpu, device: MigDevice) -> str:
+    what = device.profile or f"{device.memory_total_mib} MiB, profile unknown"
+    return f"{_label(gpu)} MIG {device.index} ({what})"
 
 
 # -- what is in use --------------------------------------------------------------------------
@@ -417,7 +428,7 @@ def _admit_mig(request: HardwareRequest, space_id: str, gpus: list[Gpu],
             "Enable MIG and create instances (nvidia-smi -mig 1; nvidia-smi mig -cgi ...), "
             "or ask for gpu or shared:SIZE"
         )
-    taken, other_sizes = [], []
+    taken, others = [], []
     for gpu in mig_gpus:
         use = usage.of(gpu)
         if use.whole or use.shared:
@@ -425,10 +436,9 @@ def _admit_mig(request: HardwareRequest, space_id: str, gpus: list[Gpu],
             continue
         for mig in sorted(gpu.mig_devices, key=lambda device: device.index):
             holder = usage.by_mig.get(mig.uuid)
-            if not _matches_profile(mig, nominal):
+            if not _matches_profile(mig, profile, nominal):
                 if holder is None:
-                    other_sizes.append(
-                        f"{_label(gpu)} MIG {mig.index} ({mig.memory_total_mib} MiB)")
+                    others.append(_describe_mig(gpu, mig))
             elif holder is None:
                 allocation = Allocation(space_id, "mig", (gpu_key(gpu),), mig.uuid, None)
                 return Decision(True, allocation, None)
@@ -438,8 +448,8 @@ def _admit_mig(request: HardwareRequest, space_id: str, gpus: list[Gpu],
         reason = f"No {profile} MIG device is free: {'; '.join(taken)}"
     else:
         reason = f"No MIG device matches {profile} (about {nominal} MiB) on this box"
-    if other_sizes:
-        reason += f"; free MIG devices of other sizes: {', '.join(other_sizes)}"
+    if others:
+        reason += f"; free MIG devices of other profiles: {', '.join(others)}"
     return _refuse(reason)
 
 

@@ -1,7 +1,9 @@
 """GPUs for Spaces: admit a hardware request, hold the allocation, and say how to inject it.
 
 Injection is through CDI (the names `nvidia-ctk cdi generate` writes: `nvidia.com/gpu=0`,
-`=0:1` for a MIG device, `=all` on a Jetson), plus the variables CUDA programs read. A shared
+`=0:1` for a MIG device, its GPU's NVML index then its nvmlDeviceGetMigDeviceHandleByIndex
+slot, as nvidia-ctk's "index" names are; the UUIDs with APPLIANCE_CDI_NAMES=uuid; `=all` on a
+Jetson), plus the variables CUDA programs read. A shared
 request gets a memory budget: frameworks that can cap themselves are told (XLA's memory
 fraction, TensorFlow's on-demand growth, MPS's pinned limit when the box runs the MPS daemon);
 PyTorch has no such variable, so the GPU watchdog enforces every budget.

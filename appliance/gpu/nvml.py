@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 import re
 import threading
@@ -84,12 +85,17 @@ class GpuProcess:
 
 @dataclass(frozen=True)
 class MigDevice:
-    index: int
+    index: int  # its slot: nvmlDeviceGetMigDeviceHandleByIndex, and the N in CDI's "GPU:N"
     uuid: str
     memory_total_mib: int | None
     # The processes on this MIG device, read through its own handle: in MIG mode the parent
     # GPU lists them only to root.
     processes: tuple[GpuProcess, ...] = ()
+    # NVIDIA's name for it ("1g.10gb", "2g.20gb", "1c.3g.40gb", as root "1g.10gb+me"); None
+    # when the driver cannot say, and then requests are matched by its memory alone.
+    profile: str | None = None
+    gpu_instance_id: int | None = None
+    compute_instance_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -332,7 +338,96 @@ def _merged(lists) -> tuple[GpuProcess, ...]:
     return tuple(found.values())
 
 
-def _mig_devices(q: _Queries, handle) -> tuple[MigDevice, ...]:
+# A MIG device's profile cannot change while its UUID lives, and reading one as root takes a
+# score of calls: each is read once per process. Only names actually read are kept.
+_profiles: dict[str, tuple[str, int | None, int | None]] = {}
+# GPU instance profile names as NVML gives them ("MIG 1g.10gb+me") and as NVIDIA writes them.
+_PROFILE_NAME = re.compile(r"(?:MIG\s+)?((?:\d+c\.)?\d+g\.\d+gb(?:[+-][a-z.,]+)?)")
+# Variants a GPU instance profile's index (NVML_GPU_INSTANCE_PROFILE_*) marks, as NVIDIA's
+# go-nvlib names them: media extensions added (+me), all of them (+me.all), none (-me), or
+# graphics (+gfx). Used only where a driver's profile info has no name of its own.
+_PROFILE_SUFFIX = {0x7: "+me", 0x8: "+me", 0xA: "+gfx", 0xB: "+gfx", 0xC: "+gfx",
+                   0xD: "-me", 0xE: "-me", 0xF: "+me.all", 0x10: "+me.all", 0x11: "+gfx"}
+_UNREADABLE_PROFILE = frozenset({pynvml.NVML_ERROR_NO_PERMISSION,
+                                 pynvml.NVML_ERROR_INVALID_ARGUMENT})
+
+
+def _memory_gb(memory_mb: int, parent_total_mib: int | None) -> int:
+    """Return the "10" of "1g.10gb": NVIDIA's rule (go-nvlib's getMigMemorySizeGB) rounds the
+    device's share of the GPU's memory up to an eighth, then scales the GPU's size in GB."""
+    if not parent_total_mib:
+        return math.ceil(memory_mb / 1024)
+    eighths = math.ceil(memory_mb / parent_total_mib * 8 - 1e-9)
+    return round(eighths / 8 * math.ceil(parent_total_mib / 1024))
+
+
+def _gpu_instance_profile(q: _Queries, parent, instance_id: int, where: str,
+                          parent_total_mib: int | None) -> str | None:
+    """Name the profile of a GPU instance through its parent; None where this account may not
+    (nvmlDeviceGetGpuInstanceById is for root) or the driver cannot."""
+    instance = q.ask(f"{where} GPU instance", pynvml.nvmlDeviceGetGpuInstanceById, parent,
+                     instance_id, quiet=_UNREADABLE_PROFILE)
+    if instance is None:
+        return None
+    info = q.ask(f"{where} GPU instance info", pynvml.nvmlGpuInstanceGetInfo, instance)
+    if info is None:
+        return None
+    for index in range(pynvml.NVML_GPU_INSTANCE_PROFILE_COUNT):
+        profile = q.ask(f"{where} profile {index}", pynvml.nvmlDeviceGetGpuInstanceProfileInfo,
+                        parent, index, quiet=_UNREADABLE_PROFILE)
+        if profile is None or profile.id != info.profileId:
+            continue
+        name = profile.name.decode(errors="replace") if isinstance(profile.name, bytes) \
+            else str(profile.name)
+        if found := _PROFILE_NAME.fullmatch(name.strip().lower()):
+            return found[1]
+        return (f"{profile.sliceCount}g.{_memory_gb(profile.memorySizeMB, parent_total_mib)}gb"
+                f"{_PROFILE_SUFFIX.get(index, '')}")
+    return None
+
+
+def _mig_profile(q: _Queries, parent, mig, slot: int, uuid: str, memory_mib: int | None,
+                 parent_total_mib: int | None) -> tuple[str | None, int | None, int | None]:
+    """Return (profile name, GPU instance id, compute instance id) of a MIG device.
+
+    Any account can read a MIG device's attributes (its slices and memory) and instance ids;
+    only root can reach its GPU instance, whose profile also names the variant (+me). A driver
+    that answers none leaves the name None, with a warning: requests are then matched by the
+    device's memory, which cannot tell 1g.20gb from 2g.20gb.
+    """
+    if uuid and uuid in _profiles:
+        return _profiles[uuid]
+    where = f"MIG device {slot}"
+    gpu_instance = q.ask(f"{where} GPU instance id", pynvml.nvmlDeviceGetGpuInstanceId, mig)
+    compute_instance = q.ask(f"{where} compute instance id",
+                             pynvml.nvmlDeviceGetComputeInstanceId, mig)
+    attributes, code = q.answer(f"{where} attributes", pynvml.nvmlDeviceGetAttributes, mig)
+    name = None if gpu_instance is None else _gpu_instance_profile(
+        q, parent, gpu_instance, where, parent_total_mib)
+    if attributes is not None and attributes.gpuInstanceSliceCount:
+        slices = attributes.gpuInstanceSliceCount
+        name = name or f"{slices}g.{_memory_gb(attributes.memorySizeMB, parent_total_mib)}gb"
+        compute = attributes.computeInstanceSliceCount
+        if compute and compute != slices:  # one of several compute instances of the GPU instance
+            name = f"{compute}c.{name}"
+    if name is None:
+        why = ("this driver has no MIG profile calls (nvmlDeviceGetAttributes, "
+               "nvmlDeviceGetGpuInstanceId; upgrade the NVIDIA driver)"
+               if code == pynvml.NVML_ERROR_FUNCTION_NOT_FOUND else
+               "NVML gives no profile for it (nvmlDeviceGetAttributes answered "
+               f"{'nothing' if code is None else code})")
+        q.warnings.append(
+            f"{where} profile: {why}: mig:PROFILE requests are matched by its memory alone "
+            f"({memory_mib} MiB), which cannot tell profiles of equal memory apart (1g.20gb, "
+            "2g.20gb)")
+        return None, gpu_instance, compute_instance
+    found = (name, gpu_instance, compute_instance)
+    if uuid and len(_profiles) < 1000:
+        _profiles[uuid] = found
+    return found
+
+
+def _mig_devices(q: _Queries, handle, parent_total_mib: int | None) -> tuple[MigDevice, ...]:
     found = []
     slots = q.ask("MIG device count", pynvml.nvmlDeviceGetMaxMigDeviceCount, handle) or 0
     for slot in range(slots):
@@ -344,8 +439,11 @@ def _mig_devices(q: _Queries, handle) -> tuple[MigDevice, ...]:
             continue
         uuid = q.ask(f"MIG device {slot} UUID", pynvml.nvmlDeviceGetUUID, mig) or ""
         memory, _ = _memory(q, mig)
-        found.append(MigDevice(slot, uuid, None if memory is None else _mib(memory.total),
-                               _processes(q, mig, f"MIG device {slot} ")))
+        total = None if memory is None else _mib(memory.total)
+        profile, gpu_instance, compute_instance = _mig_profile(
+            q, handle, mig, slot, uuid, total, parent_total_mib)
+        found.append(MigDevice(slot, uuid, total, _processes(q, mig, f"MIG device {slot} "),
+                               profile, gpu_instance, compute_instance))
     return tuple(found)
 
 
@@ -377,7 +475,7 @@ def _read_gpu(index: int, handle, root: Path, on_jetson: bool, codes: set[int]) 
     power_mw = q.ask("power", pynvml.nvmlDeviceGetPowerUsage, handle)
     mode = q.ask("MIG mode", pynvml.nvmlDeviceGetMigMode, handle)
     mig_enabled = mode is not None and mode[0] == pynvml.NVML_DEVICE_MIG_ENABLE
-    mig_devices = _mig_devices(q, handle) if mig_enabled else ()
+    mig_devices = _mig_devices(q, handle, total) if mig_enabled else ()
     # In MIG mode the parent lists processes to root only; each MIG device lists its own.
     processes = (_merged(m.processes for m in mig_devices) if mig_enabled
                  else _processes(q, handle))

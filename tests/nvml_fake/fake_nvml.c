@@ -69,7 +69,26 @@ struct gpu {
     long long util_gpu, util_mem, temp_c, power_mw;
     long long mig; /* -1: not MIG capable, 0: disabled, 1: enabled */
 };
-struct mig { int present; char uuid[TEXT]; long long mem_total, mem_used; };
+/* profile: index into PROFILES, or -1 (a driver that reports no profile: the MIG profile calls
+ * answer NOT_SUPPORTED for it); gi, ci: its GPU and compute instance ids; ci_slices: its compute
+ * instance's share of the GPU instance's slices. */
+struct mig {
+    int present, profile;
+    char uuid[TEXT];
+    long long mem_total, mem_used, gi, ci, ci_slices;
+};
+
+/* The GPU instance profiles of an A100 80GB / H100 80GB as NVML lists them: `index` is the
+ * NVML_GPU_INSTANCE_PROFILE_* constant nvmlDeviceGetGpuInstanceProfileInfoV takes, `id` the
+ * profile id a GPU instance reports (nvmlGpuInstanceGetInfo), as on an A100-SXM4-80GB. */
+static const struct {
+    const char *name; unsigned index, id, slices; unsigned long long memory_mb;
+} PROFILES[] = {
+    {"1g.10gb", 0, 19, 1, 9728}, {"2g.20gb", 1, 14, 2, 19968}, {"3g.40gb", 2, 9, 3, 40192},
+    {"4g.40gb", 3, 5, 4, 40192}, {"7g.80gb", 4, 0, 7, 80896}, {"1g.10gb+me", 7, 20, 1, 9728},
+    {"1g.20gb", 9, 15, 1, 19968},
+};
+#define NPROFILES ((int)(sizeof PROFILES / sizeof PROFILES[0]))
 /* kind: 0 compute, 1 graphics, 2 MPS client; mig: the MIG device it runs on, or -1. */
 struct proc { int gpu, mig, kind; unsigned pid; long long used_mib; };
 struct fault { char function[64]; int gpu; int code; };
@@ -199,10 +218,23 @@ static nvmlReturn_t parse_config(FILE *file, const char *path) {
             }
             struct mig *m = &cfg.migs[parent][i];
             const char *uuid = value_of(w, n, "uuid");
+            const char *profile = value_of(w, n, "profile");
             m->present = 1;
+            m->profile = -1;
+            for (int k = 0; profile && k < NPROFILES; k++)
+                if (strcmp(profile, PROFILES[k].name) == 0) m->profile = k;
+            if (profile && m->profile < 0) {
+                status = bad(path, lineno, "unknown MIG profile (see PROFILES in fake_nvml.c)");
+                break;
+            }
             copy(m->uuid, uuid ? uuid : "MIG-00000000-0000-0000-0000-000000000000");
-            m->mem_total = number(w, n, "mem_total_mib", 0);
+            m->mem_total = number(w, n, "mem_total_mib",
+                                  m->profile < 0 ? 0 : (long long)PROFILES[m->profile].memory_mb);
             m->mem_used = number(w, n, "mem_used_mib", 0);
+            m->gi = number(w, n, "gi", i);
+            m->ci = number(w, n, "ci", 0);
+            m->ci_slices = number(w, n, "ci_slices",
+                                  m->profile < 0 ? 0 : (long long)PROFILES[m->profile].slices);
         } else if (strcmp(w[0], "process") == 0) {
             if (cfg.nprocs == MAX_PROCS) {
                 status = bad(path, lineno, "too many processes");
@@ -573,4 +605,132 @@ PROCESS_CALL(nvmlDeviceGetMPSComputeRunningProcesses_v2, 2, 0)
 PROCESS_CALL(nvmlDeviceGetComputeRunningProcesses, 0, 1)
 PROCESS_CALL(nvmlDeviceGetGraphicsRunningProcesses, 1, 1)
 PROCESS_CALL(nvmlDeviceGetMPSComputeRunningProcesses, 2, 1)
+#endif
+
+#ifndef FAKE_NVML_NO_MIG_PROFILE
+/* MIG profiles: a MIG device's instance ids and attributes (any user), and its GPU instance
+ * with that instance's profile, reached through the parent (root only on a real driver:
+ * inject NVML_ERROR_NO_PERMISSION to read as the service account). -DFAKE_NVML_NO_MIG_PROFILE
+ * leaves them all out, as a driver without them. */
+typedef struct {
+    unsigned int multiprocessorCount, sharedCopyEngineCount, sharedDecoderCount,
+        sharedEncoderCount, sharedJpegCount, sharedOfaCount, gpuInstanceSliceCount,
+        computeInstanceSliceCount;
+    unsigned long long memorySizeMB;
+} nvmlDeviceAttributes_t;
+typedef struct { unsigned int start, size; } nvmlGpuInstancePlacement_t;
+typedef struct nvmlDevice_st *nvmlGpuInstance_t; /* the fake's GPU instance is its MIG slot */
+typedef struct {
+    nvmlDevice_t device;
+    unsigned int id, profileId;
+    nvmlGpuInstancePlacement_t placement;
+} nvmlGpuInstanceInfo_t;
+typedef struct {
+    unsigned int version, id, isP2pSupported, sliceCount, instanceCount, multiprocessorCount,
+        copyEngineCount, decoderCount, encoderCount, jpegCount, ofaCount;
+    unsigned long long memorySizeMB;
+    char name[96];
+} nvmlGpuInstanceProfileInfo_v2_t;
+#define NVML_GPU_INSTANCE_PROFILE_INFO_V2 0x02000098u
+
+/* Enter a call on a MIG device with a profile: NOT_SUPPORTED for a whole GPU or a device
+ * whose `mig` line gave none. */
+static nvmlReturn_t enter_mig(const char *function, nvmlDevice_t device, struct mig **mig) {
+    int g, m;
+    nvmlReturn_t ret = enter_device(function, device, &g, &m);
+    if (ret) return ret;
+    if (m < 0 || cfg.migs[g][m].profile < 0) return NVML_ERROR_NOT_SUPPORTED;
+    *mig = &cfg.migs[g][m];
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetGpuInstanceId(nvmlDevice_t device, unsigned int *id) {
+    struct mig *m;
+    nvmlReturn_t ret = enter_mig("nvmlDeviceGetGpuInstanceId", device, &m);
+    if (ret) return ret;
+    if (!id) return NVML_ERROR_INVALID_ARGUMENT;
+    *id = (unsigned)m->gi;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetComputeInstanceId(nvmlDevice_t device, unsigned int *id) {
+    struct mig *m;
+    nvmlReturn_t ret = enter_mig("nvmlDeviceGetComputeInstanceId", device, &m);
+    if (ret) return ret;
+    if (!id) return NVML_ERROR_INVALID_ARGUMENT;
+    *id = (unsigned)m->ci;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetAttributes_v2(nvmlDevice_t device, nvmlDeviceAttributes_t *out) {
+    struct mig *m;
+    nvmlReturn_t ret = enter_mig("nvmlDeviceGetAttributes_v2", device, &m);
+    if (ret) return ret;
+    if (!out) return NVML_ERROR_INVALID_ARGUMENT;
+    memset(out, 0, sizeof *out);
+    out->gpuInstanceSliceCount = PROFILES[m->profile].slices;
+    out->computeInstanceSliceCount = (unsigned)m->ci_slices;
+    out->multiprocessorCount = 14 * (unsigned)m->ci_slices;
+    out->memorySizeMB = (unsigned long long)m->mem_total;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetGpuInstanceById(nvmlDevice_t device, unsigned int id,
+                                          nvmlGpuInstance_t *instance) {
+    struct gpu *g;
+    nvmlReturn_t ret = sensor("nvmlDeviceGetGpuInstanceById", device, &g);
+    if (ret == NVML_ERROR_NOT_SUPPORTED) return NVML_ERROR_INVALID_ARGUMENT; /* a MIG handle */
+    if (ret) return ret;
+    if (!instance) return NVML_ERROR_INVALID_ARGUMENT;
+    if (g->mig != 1) return NVML_ERROR_NOT_SUPPORTED;
+    for (int m = 0; m < MAX_MIGS; m++) {
+        struct mig *mig = &cfg.migs[device->gpu][m];
+        if (mig->present && mig->profile >= 0 && mig->gi == (long long)id) {
+            *instance = &handles[device->gpu][1 + m];
+            return NVML_SUCCESS;
+        }
+    }
+    return NVML_ERROR_NOT_FOUND;
+}
+
+nvmlReturn_t nvmlGpuInstanceGetInfo(nvmlGpuInstance_t instance, nvmlGpuInstanceInfo_t *info) {
+    struct mig *m;
+    nvmlReturn_t ret = enter_mig("nvmlGpuInstanceGetInfo", instance, &m);
+    if (ret) return ret;
+    if (!info) return NVML_ERROR_INVALID_ARGUMENT;
+    info->device = &handles[instance->gpu][0];
+    info->id = (unsigned)m->gi;
+    info->profileId = PROFILES[m->profile].id;
+    info->placement.start = 0;
+    info->placement.size = PROFILES[m->profile].slices;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetGpuInstanceProfileInfoV(nvmlDevice_t device, unsigned int profile,
+                                                  nvmlGpuInstanceProfileInfo_v2_t *info) {
+    struct gpu *g;
+    nvmlReturn_t ret = sensor("nvmlDeviceGetGpuInstanceProfileInfoV", device, &g);
+    if (ret == NVML_ERROR_NOT_SUPPORTED) return NVML_ERROR_INVALID_ARGUMENT; /* a MIG handle */
+    if (ret) return ret;
+    if (!info) return NVML_ERROR_INVALID_ARGUMENT;
+    if (info->version != NVML_GPU_INSTANCE_PROFILE_INFO_V2)
+        return NVML_ERROR_ARGUMENT_VERSION_MISMATCH;
+    if (cfg.jetson || g->mig < 0) return NVML_ERROR_NOT_SUPPORTED;
+    for (int k = 0; k < NPROFILES; k++) {
+        if (PROFILES[k].index != profile) continue;
+        info->id = PROFILES[k].id;
+        info->isP2pSupported = 0;
+        info->sliceCount = PROFILES[k].slices;
+        info->instanceCount = 7 / PROFILES[k].slices;
+        info->multiprocessorCount = 14 * PROFILES[k].slices;
+        info->copyEngineCount = PROFILES[k].slices;
+        info->decoderCount = info->jpegCount = info->ofaCount =
+            strstr(PROFILES[k].name, "+me") ? 1 : 0;
+        info->encoderCount = 0;
+        info->memorySizeMB = PROFILES[k].memory_mb;
+        snprintf(info->name, sizeof info->name, "MIG %s", PROFILES[k].name);
+        return NVML_SUCCESS;
+    }
+    return NVML_ERROR_INVALID_ARGUMENT; /* a profile this GPU does not have */
+}
 #endif
