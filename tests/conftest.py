@@ -8,7 +8,6 @@ import random
 import shutil
 import socket
 import subprocess
-import uuid
 from pathlib import Path
 
 import pytest
@@ -70,9 +69,18 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
 
 # Ports the tests hand out to servers they start: below the kernel's ephemeral range
 # (32768-60999, where bind-to-0 and outgoing connections land) and clear of the appliance's
-# own port_range (17000-17999 by default; appliance_env uses 17100-17899), so a port picked
-# here is not taken a moment later by a connection or a Space.
+# own port_range (17000-17999 by default, where the box's own appliance may serve), so a port
+# picked here is not taken a moment later by a connection or a Space.
 TEST_PORTS = range(20000, 30000)
+# The Spaces the tests deploy take their ports from blocks of 40 above those and below the
+# ephemeral range: never the box's own appliance's ports, never a server a test started.
+SPACE_PORT_BLOCKS = range(30000, 32760, 40)
+
+
+def space_port_range() -> str:
+    """A port_range for a test appliance: a block of 40 ports picked at random."""
+    low = random.choice(SPACE_PORT_BLOCKS)
+    return f"{low}-{low + 39}"
 _handed_out: set[int] = set()
 _pick = random.Random(os.getpid())
 
@@ -176,10 +184,9 @@ def appliance_env(tmp_path_factory, podman_ready):
     root = tmp_path_factory.mktemp("appliance")
     sources_dir = root / "sources"
     sources_dir.mkdir()
-    low = 17100 + (uuid.uuid4().int % 20) * 40
     config = load_config(
         {}, data_dir=str(root / "data"), local_sources=str(sources_dir),
-        port_range=f"{low}-{low + 39}", startup_timeout_cap=180, drain_seconds=3,
+        port_range=space_port_range(), startup_timeout_cap=180, drain_seconds=3,
         health_initial_delay=0,  # tests sweep right after a deploy; the delay has its own test
         package_cache_dir=str(PACKAGE_CACHE),
     )

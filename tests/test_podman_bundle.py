@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import as_service, labelled, make_space_repo, wait_for
+from conftest import as_service, labelled, make_space_repo, space_port_range, wait_for
 
 from appliance import stages
 from appliance.adapters import router
@@ -124,10 +124,9 @@ def world(appliance_env, model_cache, tmp_path_factory):
         "README.md": README.format(model=MODEL), "app.py": APP.format(model=MODEL)},
         date="2026-01-01T00:00:00Z")
     root = tmp_path_factory.mktemp("offline-box")
-    low = 17900 - (uuid.uuid4().int % 10) * 40
     config_b = load_config({}, data_dir=str(root / "data"),
                            local_sources=str(root / "data" / "repos"),
-                           port_range=f"{low}-{low + 39}", startup_timeout_cap=180,
+                           port_range=space_port_range(), startup_timeout_cap=180,
                            drain_seconds=3)
     ctx_b = spaces.open_context(config_b, actor="test-offline")
     yield {"a": ctx_a, "b": ctx_b, "repo": repo, "work": root}

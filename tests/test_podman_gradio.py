@@ -1,17 +1,31 @@
 """A gradio Space on real rootless Podman: deploy, update, broken commits, rollback, secrets,
-stop/start, delete. The tests run in order and share one Space (each step builds on the last).
+stop/start, delete.
+
+The tests share one Space to keep builds few, but none counts on another having run: each
+asks a fixture for what it needs (the Space serving, or serving a second revision), which
+deploys it only when it is not there yet, so any one test runs alone (`-k`).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 
 import pytest
 import requests
 from click.testing import CliRunner
-from conftest import REPO, as_service, commit, container_env, labelled, make_space_repo, wait_for
+from conftest import (
+    REPO,
+    as_service,
+    commit,
+    container_env,
+    git,
+    labelled,
+    make_space_repo,
+    wait_for,
+)
 
 from appliance import stages, users
 from appliance.cli.main import cli
@@ -34,12 +48,53 @@ def space(appliance_env):
     return ctx, repo
 
 
+@pytest.fixture
+def running(space):
+    """The Space serving (added and built first if no test has yet). A failed later build
+    leaves it in BUILD_ERROR with its last good revision serving, as on Spaces."""
+    ctx, repo = space
+    if ctx.store.find_space(SPACE) is None:
+        spaces.add_space(ctx, str(repo), name=SPACE)
+        spaces.deploy(ctx, SPACE)
+    view = spaces.describe(ctx, SPACE)
+    if view["stage"] in (stages.STOPPED, stages.PAUSED):
+        _, view = spaces.start(ctx, SPACE)
+    assert view["url"] and ctx.store.get_space(SPACE)["container"], view["error"]
+    return ctx, repo
+
+
+@pytest.fixture
+def two_revisions(running):
+    """The Space serving a second revision, so it has one to roll back to."""
+    ctx, repo = running
+    if spaces.describe(ctx, SPACE)["previous_revision"] is None:
+        update_greeting(ctx, repo)
+    return ctx, repo
+
+
+def update_greeting(ctx, repo) -> tuple[str, dict]:
+    """Commit a new greeting and deploy it; return the greeting and the Space's view."""
+    app = (repo / "app.py").read_text()
+    greeting = "Hello, second" if "Hello, second" not in app else f"Hello, {time.time_ns()}"
+    commit(repo, {"app.py": re.sub(r'title="[^"]*"', f'title="{greeting}"', app)},
+           "code-only change")
+    spaces.request_update(ctx, SPACE)
+    return greeting, spaces.deploy(ctx, SPACE)
+
+
+def title_at(repo, sha: str) -> str:
+    """The greeting the app of a revision shows (its gradio title)."""
+    return re.search(r'title="([^"]*)"', git(repo, "show", f"{sha}:app.py")).group(1)
+
+
 def get(url: str) -> requests.Response:
     return requests.get(url, timeout=10)
 
 
 def test_gradio_space_deploys_and_answers_on_its_url(space):
     ctx, repo = space
+    if ctx.store.find_space(SPACE) is not None:  # another test deployed it first
+        spaces.delete(ctx, SPACE)
     view = spaces.add_space(ctx, str(repo), name=SPACE)
     assert view["stage"] == stages.BUILDING
     view = spaces.deploy(ctx, SPACE)
@@ -50,11 +105,11 @@ def test_gradio_space_deploys_and_answers_on_its_url(space):
     assert view["hardware"] == "cpu"
     response = get(view["url"])
     assert response.status_code == 200
-    assert "Hello from the appliance" in response.text
+    assert title_at(repo, view["revision"]) in response.text
 
 
-def test_cli_show_json_has_the_contract_fields(space):
-    ctx, _ = space
+def test_cli_show_json_has_the_contract_fields(running):
+    ctx, _ = running
     result = CliRunner().invoke(cli, ["spaces", "show", SPACE, "--json"], obj={"ctx": ctx})
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
@@ -63,20 +118,19 @@ def test_cli_show_json_has_the_contract_fields(space):
     assert data["id"] == SPACE and data["stage"] == "RUNNING"
 
 
-def test_run_log_shows_the_app_output(space):
-    ctx, _ = space
-    deadline = time.monotonic() + 15  # conmon writes the log file asynchronously
-    while True:
+def test_run_log_shows_the_app_output(running):
+    ctx, _ = running
+
+    def logged() -> str:  # conmon writes the log file asynchronously
         result = CliRunner().invoke(cli, ["spaces", "logs", SPACE], obj={"ctx": ctx})
         assert result.exit_code == 0, result.output
-        if "Running on local URL" in result.output or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    assert "Running on local URL" in result.output
+        return result.output if "Running on local URL" in result.output else ""
+
+    assert "Running on local URL" in wait_for(logged, 60, "gradio's first lines in the log")
 
 
-def test_container_runs_hardened_with_spaces_variables(space):
-    ctx, _ = space
+def test_container_runs_hardened_with_spaces_variables(running):
+    ctx, _ = running
     row = ctx.store.get_space(SPACE)
     env = container_env(row["container"])
     assert env["SPACE_ID"] == SPACE
@@ -122,33 +176,30 @@ class RequestLoop:
         self._thread.join()
 
 
-def test_code_only_update_switches_with_no_failed_requests(space):
-    ctx, repo = space
+def test_code_only_update_switches_with_no_failed_requests(running):
+    ctx, repo = running
     url = spaces.describe(ctx, SPACE)["url"]
     old = spaces.describe(ctx, SPACE)["revision"]
-    app = (repo / "app.py").read_text().replace("Hello from the appliance", "Hello, second")
-    new = commit(repo, {"app.py": app}, "code-only change")
     with RequestLoop(url) as loop:
-        needed, view = spaces.request_update(ctx, SPACE)
-        assert needed and view["stage"] == stages.RUNNING_BUILDING
-        view = spaces.deploy(ctx, SPACE)
+        greeting, view = update_greeting(ctx, repo)
+    new = git(repo, "rev-parse", "HEAD")
     assert view["stage"] == stages.RUNNING, view["error"]
     assert view["revision"] == new and view["previous_revision"] == old
     assert loop.failures == [] and loop.served > 10
-    assert "Hello, second" in get(url).text
+    assert greeting in get(url).text
     log = spaces.build_log_path(ctx, SPACE).read_text()
     assert "Reusing the shared SDK layer" in log
     assert len(labelled("container", SPACE)) == 1
 
 
-def test_update_when_nothing_changed_is_a_no_op(space):
-    ctx, _ = space
+def test_update_when_nothing_changed_is_a_no_op(running):
+    ctx, _ = running
     needed, view = spaces.request_update(ctx, SPACE)
     assert not needed and view["stage"] == stages.RUNNING
 
 
-def test_broken_build_keeps_old_revision_serving(space):
-    ctx, repo = space
+def test_broken_build_keeps_old_revision_serving(running):
+    ctx, repo = running
     before = spaces.describe(ctx, SPACE)
     commit(repo, {"requirements.txt": "this-package-does-not-exist-appliance==0.0.1\n"}, "bad")
     with RequestLoop(before["url"]) as loop:
@@ -161,11 +212,11 @@ def test_broken_build_keeps_old_revision_serving(space):
     assert "this-package-does-not-exist-appliance" in first
     assert "--- uv said ---" in view["error"]
     assert view["revision"] == before["revision"]
-    assert "Hello, second" in get(before["url"]).text
+    assert title_at(repo, before["revision"]) in get(before["url"]).text
 
 
-def test_commit_whose_app_crashes_keeps_old_revision_serving(space):
-    ctx, repo = space
+def test_commit_whose_app_crashes_keeps_old_revision_serving(running):
+    ctx, repo = running
     before = spaces.describe(ctx, SPACE)
     commit(repo, {"requirements.txt": None,
                   "app.py": "raise SystemExit('boom: missing model file')\n"}, "crash")
@@ -176,21 +227,21 @@ def test_commit_whose_app_crashes_keeps_old_revision_serving(space):
     assert view["stage"] == stages.RUNNING
     assert "did not start" in view["error"] and "boom: missing model file" in view["error"]
     assert view["revision"] == before["revision"]
-    assert "Hello, second" in get(before["url"]).text
+    assert title_at(repo, before["revision"]) in get(before["url"]).text
     assert len(labelled("container", SPACE)) == 1
 
 
-def test_rollback_serves_the_previous_revision_without_rebuilding(space):
-    ctx, _ = space
+def test_rollback_serves_the_previous_revision_without_rebuilding(two_revisions):
+    ctx, repo = two_revisions
     before = spaces.describe(ctx, SPACE)
     view = spaces.rollback(ctx, SPACE)
     assert view["stage"] == stages.RUNNING
     assert view["revision"] == before["previous_revision"]
-    assert "Hello from the appliance" in get(view["url"]).text
+    assert title_at(repo, view["revision"]) in get(view["url"]).text
 
 
-def test_secret_reaches_the_app_but_no_log_view_or_event(space):
-    ctx, _ = space
+def test_secret_reaches_the_app_but_no_log_view_or_event(running):
+    ctx, _ = running
     spaces.set_value(ctx, "secrets", SPACE, "API_TOKEN", SECRET_VALUE)
     spaces.set_value(ctx, "variables", SPACE, "MODE", "demo")
     view = spaces.restart(ctx, SPACE)
@@ -249,10 +300,12 @@ def read_stream(client, url: str, headers: dict, until: str) -> str:
     return text
 
 
-def test_stop_start_and_pause(space):
-    ctx, _ = space
+def test_stop_start_and_pause(running):
+    ctx, _ = running
     url = spaces.describe(ctx, SPACE)["url"]
     port = ctx.store.get_space(SPACE)["port"]
+    as_service("podman", "exec", ctx.store.get_space(SPACE)["container"], "touch",
+               "/data/written")
     view = spaces.stop(ctx, SPACE)
     assert view["stage"] == stages.STOPPED and view["url"] is None
     assert labelled("container", SPACE) == []
@@ -267,8 +320,8 @@ def test_stop_start_and_pause(space):
     assert view["stage"] == stages.PAUSED
 
 
-def test_delete_leaves_nothing_behind(space):
-    ctx, _ = space
+def test_delete_leaves_nothing_behind(running):
+    ctx, _ = running
     spaces.delete(ctx, SPACE)
     assert ctx.store.find_space(SPACE) is None
     assert labelled("container", SPACE) == []

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import requests
-from conftest import as_service, make_space_repo
+from conftest import as_service, make_space_repo, space_port_range
 
 from appliance import stages, users
 from appliance.config import load_config
@@ -26,7 +26,7 @@ def box(tmp_path):
     sources_dir = tmp_path / "sources"
     sources_dir.mkdir()
     config = load_config({}, data_dir=str(tmp_path / "data"), local_sources=str(sources_dir),
-                         port_range="17900-17999")
+                         port_range=space_port_range())
     ctx = spaces.open_context(config, actor="cli")
     for name, role in (("alice", "member"), ("bob", "member"), ("root", "admin"),
                        ("Vic", "viewer")):
