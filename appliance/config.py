@@ -76,6 +76,12 @@ SETTINGS: tuple[Setting, ...] = (
             "*.example.com for any name under it); empty: any host. hf:// sources fetch from "
             "hf_endpoint's host."),
     Setting("git_timeout", 600, "Seconds a git fetch may take.", int),
+    Setting("max_push_mb", 1024,
+            "Largest git push (its pack) or Hugging Face upload the portal accepts, in MiB; the "
+            "pushed tree must also fit max_checkout_mb.", int),
+    Setting("allow_force_push", False,
+            "Let a git push to a Space hosted on this box rewrite or delete its branch "
+            "(force push); off: such pushes are refused.", bool),
     Setting("hf_endpoint", "https://huggingface.co", "Where hf://spaces/owner/name resolves."),
     Setting("bundle_hub_cache", "",
             "Hugging Face cache or mirror `bundle export` reads models from; empty: "

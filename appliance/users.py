@@ -112,11 +112,21 @@ def public_user(store: Store, name: str) -> dict[str, Any]:
     return {k: row[k] for k in ("name", "role", "created_at", "last_login_at")}
 
 
-def change_password(store: Store, name: str, current: str, new: str, actor: str) -> None:
-    """Change a user's own password (the current one is asked); end all their sessions."""
+def change_password(store: Store, name: str, current: str, new: str, actor: str,
+                    client: str | None = None, limit: int = 0) -> None:
+    """Change a user's own password (the current one is asked); end all their sessions.
+
+    A wrong current password counts as a failed login of the client, so a stolen session
+    cannot be used to guess the password faster than the login page allows."""
+    now = time.time()
+    if client is not None and store.login_failures(client, now - FAILURE_WINDOW) >= limit:
+        raise TooManyAttempts("Too many wrong passwords from this address",
+                              hint="wait 15 minutes, or ask an admin to reset your password")
     row = store.find_user(name)
     if row is None or not check_password(current if isinstance(current, str) else "",
                                          row["password_hash"]):
+        if client is not None:
+            store.add_login_failure(client, now)
         raise Unauthorized("The current password is wrong", hint="type it again")
     if not isinstance(new, str) or len(new) < MIN_PASSWORD:
         raise InvalidInput(f"The new password is shorter than {MIN_PASSWORD} characters")

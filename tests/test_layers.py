@@ -35,11 +35,15 @@ LAYERS = {
     "web.pages": "edge",
     "web.api": "edge",
     "web.hf": "edge",
+    "web.hf_write": "edge",
+    "web.githttp": "edge",
     "web.proxy": "edge",
     "web.upstream": "edge",
     "web.offline": "edge",
     "web.gpus": "edge",
     "web.server": "edge",
+    "web.hf_repo": "edge",
+    "web.files": "edge",
     "gpu.__init__": "adapter",
     "gpu.nvml": "adapter",
     "gpu.allocation": "service",
@@ -56,6 +60,7 @@ LAYERS = {
     "upkeep.housekeeping": "service",
     "core.__init__": "adapter",
     "core.spaces": "service",
+    "core.hosted": "service",
     "core.context": "service",
     "core.actions": "service",
     "core.jobs": "service",
@@ -64,6 +69,7 @@ LAYERS = {
     "core.manifest": "adapter",
     "core.sources": "adapter",
     "core.packages": "adapter",
+    "core.repository": "service",
     # Copied into static Spaces' containers and run there: the standard library only.
     "core.static_server": "standalone",
     "adapters.__init__": "adapter",
@@ -381,7 +387,9 @@ def test_gpu_is_the_one_wrapping_pynvml():
 
 
 def test_only_sources_runs_git():
-    assert {name for name, tree in modules().items() if runs_git(tree)} == {"core.sources"}
+    # sources fetches from elsewhere; repository reads the checkouts already here, read-only.
+    assert {name for name, tree in modules().items() if runs_git(tree)} == {"core.sources",
+                                                                         "core.repository"}
 
 
 def test_nothing_reads_the_environment_at_import_time():

@@ -183,3 +183,34 @@ def test_a_prune_while_another_process_builds_leaves_images_for_the_next_pass(ap
     assert after.deferred == [] and after.errors == []
     assert ghost in after.removed_images and labelled("image", "race/ghost") == []
     assert labelled("image", "race/building") == []  # its Space does not exist either
+
+
+def test_a_switch_leaves_its_old_images_while_a_build_holds_the_store(tmp_path):
+    """The images a switch frees go at once only when no build runs (a build's layer cache
+    may read them); otherwise the hourly prune takes them."""
+    from appliance.core import spaces
+
+    class Recording(Runtime):
+        removed: list[str] = []
+
+        def images_of(self, space_id):
+            return {"old-image-id": ["localhost/appliance-space/team--a:old"]}
+
+        def remove_image(self, name, force=False):
+            self.removed.append(name)
+
+    class Store:
+        def get_space(self, space_id):
+            return {"id": space_id, "image": "localhost/appliance-space/team--a:new",
+                    "revision": "b" * 40, "previous_image": None, "previous_revision": None}
+
+        def built_revisions(self, space_id, limit):
+            return []
+
+    runtime = Recording(load_config({}, data_dir=str(tmp_path), podman_autostart=False))
+    ctx = type("Ctx", (), {"runtime": runtime, "store": Store(), "config": runtime.config})()
+    with runtime.images_in_use():
+        spaces._prune_images(ctx, "team/a")
+    assert runtime.removed == []
+    spaces._prune_images(ctx, "team/a")
+    assert runtime.removed == ["old-image-id"]

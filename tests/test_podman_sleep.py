@@ -121,5 +121,6 @@ def test_cli_sets_and_clears_the_sleep_time(appliance_env):
     assert json.loads(result.output)["sleep_after"] is None
     result = runner.invoke(cli, ["spaces", "sleep-time", "zz/cli", "soon"], obj={"ctx": ctx})
     assert result.exit_code == 2
-    assert "Sleep time must be a number of seconds or 'never', got 'soon'" in result.output
+    assert ("Sleep time must be a duration like 30m, 2h, 1h30m or 3600 (seconds), or 'never'; "
+            "got 'soon'") in result.output
     spaces.delete(ctx, "zz/cli")

@@ -720,14 +720,16 @@ def test_a_remote_fetch_failure_reads_the_same_whatever_the_network_said(
     assert "s3cr3tpw" not in "".join(lines)
 
 
-def test_remote_fetch_that_times_out_reads_like_any_other_failure(
+def test_remote_fetch_that_times_out_names_the_host_and_the_time_it_waited(
         tmp_path, cfg, monkeypatch, caplog):
+    # Issue 12: a server that never answers is told apart (the wait itself already shows it).
     stand_in_git(tmp_path, monkeypatch, "sleep 30\n")
     quick = cfg.with_values(git_timeout=1)
     with caplog.at_level("WARNING", logger="appliance.sources"), \
             pytest.raises(SourceError) as caught:
         fetch(parse_source("https://git.lan/o/n", quick), tmp_path / "checkout", None, quick)
-    assert caught.value.message == "Could not fetch https://git.lan/o/n"
+    assert caught.value.message == "The git server at git.lan did not answer within 1 s"
+    assert "APPLIANCE_GIT_TIMEOUT" in caught.value.hint
     assert "git clone of https://git.lan/o/n timed out after 1 s" in caplog.text
 
 

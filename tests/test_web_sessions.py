@@ -168,3 +168,20 @@ def test_the_proxy_refuses_an_ended_session_for_a_private_space(app):
     assert proxy.session_user(environ) == "mia"
     client.post("/logout", data={"csrf_token": csrf_of(client.get("/account").data)})
     assert proxy.session_user(environ) is None
+
+
+def test_guessing_the_current_password_is_limited_like_a_login(app):
+    """A stolen session cannot guess the password faster than the login page allows."""
+    client = logged_in(app, "mia")
+    limit = app.extensions["appliance.config"].login_attempts
+    for _ in range(limit):
+        client.post("/account/password", data={
+            "current": "a wrong guess!", "password": NEW_PASSWORD,
+            "csrf_token": csrf_of(client.get("/account").data)})
+    client.post("/account/password", data={
+        "current": PASSWORD, "password": NEW_PASSWORD,
+        "csrf_token": csrf_of(client.get("/account").data)})
+    assert "Too many wrong passwords from this address" in client.get("/account").data.decode()
+    store = store_of(app)
+    assert users.check_password(PASSWORD, store.find_user("mia")["password_hash"])
+    store.close()

@@ -316,19 +316,14 @@ def spaces_health(obj, space_id, path, interval, reset, as_json):
 @click.pass_obj
 @handles_errors
 def spaces_sleep_time(obj, space_id, seconds, as_json):
-    """Sleep after SECONDS without a request (the next request wakes it), or 'never'.
+    """Sleep after SECONDS without a request (the next request wakes it): plain seconds or a
+    duration (30m, 2h, 1h30m), or 'never'.
 
-    Example: appliance spaces sleep-time owner/name 3600
+    Example: appliance spaces sleep-time owner/name 1h30m
     """
-    from ..upkeep import sleep
+    from ..core import actions
 
-    if seconds == "never":
-        value = None
-    elif seconds.isdigit():
-        value = int(seconds)
-    else:
-        raise InvalidInput(f"Sleep time must be a number of seconds or 'never', got {seconds!r}")
-    emit(sleep.set_sleep_time(context_of(obj), space_id, value), as_json, space_text)
+    emit(actions.set_sleep_time(context_of(obj), space_id, seconds), as_json, space_text)
 
 
 def _resolution_text(mode: str) -> str:

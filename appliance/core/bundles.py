@@ -753,43 +753,10 @@ def _unpack_repos(staged: Staged) -> None:
                               f"be unpacked: {exc}") from None
         if not (target / ".git").is_dir():
             raise BundleError(f"Part {space['repo']} holds no git repository for {space['id']}")
-        _defuse_git(target / ".git")
+        sources.defuse_repository(target / ".git")
         staged.trees[space["repo"]] = target
 
 
-# The only settings a bundled repository keeps: what git needs to read its objects. Anything
-# else in its .git/config (core.fsmonitor, core.sshCommand, aliases, filters, hooksPath…)
-# would be the bundle author's command run by the box's git; its hooks go for the same reason.
-_GIT_KEEP = ("core.repositoryformatversion", "core.bare", "extensions.objectformat")
-
-
-def _defuse_git(git_dir: Path) -> None:
-    """Give a bundled repository a config of its own making and no hooks."""
-    config = git_dir / "config"
-    kept = []
-    if config.is_file() and not config.is_symlink():
-        listed = subprocess.run(
-            ["git", "config", "--file", str(config), "--null", "--list"], capture_output=True,
-            check=False, env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-                              "GIT_CONFIG_NOSYSTEM": "1", "HOME": str(git_dir)})
-        for entry in listed.stdout.decode(errors="replace").split("\0"):
-            key, _, value = entry.partition("\n")
-            if key.lower() in _GIT_KEEP:
-                kept.append((key.lower(), value))
-    config.unlink(missing_ok=True)
-    lines = ["[core]\n", "\tfilemode = true\n"]
-    lines += [f"\t{key.split('.', 1)[1]} = {value}\n" for key, value in kept
-              if key.startswith("core.") and value.strip().isalnum()]
-    formats = [value for key, value in kept if key == "extensions.objectformat"
-               and value in ("sha1", "sha256")]
-    if formats:
-        lines += ["[extensions]\n", f"\tobjectformat = {formats[-1]}\n"]
-    config.write_text("".join(lines))
-    hooks = git_dir / "hooks"
-    if hooks.is_symlink() or hooks.is_file():
-        hooks.unlink()
-    elif hooks.is_dir():
-        shutil.rmtree(hooks)
 
 
 def _extract_tree(archive: Path, target: Path) -> None:

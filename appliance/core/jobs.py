@@ -7,14 +7,16 @@ without this module importing them back.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from typing import Any
 
+from .. import stages
 from ..config import SETTINGS, Config
 from ..errors import ApplianceError, InvalidInput
-from . import sources, spaces
+from . import manifest, sources, spaces
 
 JOBS = ("deploy", "start", "restart", "update")
 # Workers this process started; a long-lived spawner (the scheduler) reaps them so that
@@ -31,7 +33,11 @@ def run_job(ctx: spaces.Context, space_id: str, job: str, factory: bool = False
             ) -> dict[str, Any]:
     """Run one job for a Space in this process and return the Space's view."""
     if job == "deploy":
-        return spaces.deploy(ctx, space_id, factory=factory)
+        view = spaces.deploy(ctx, space_id, factory=factory)
+        if view["stage"] in (stages.CONFIG_ERROR, stages.NO_APP_FILE) and not view["manifest"]:
+            remember_card(ctx, space_id)
+            view = spaces.describe(ctx, space_id)
+        return view
     if job == "start":
         needs_build, view = spaces.start(ctx, space_id)
         return spaces.deploy(ctx, space_id) if needs_build else view
@@ -61,6 +67,25 @@ def spawn_job(ctx: spaces.Context, space_id: str, job: str, factory: bool = Fals
     # The worker owns the busy stage from now on, so its crash is recognised as one.
     ctx.store.update_space(space_id, worker_pid=pid)
     return pid
+
+
+def remember_card(ctx: spaces.Context, space_id: str) -> None:
+    """Keep the title, emoji and colours a Space's README gives even though its front matter
+    made no Manifest, so its card and header show them beside the reason it is broken."""
+    checkouts, _ = spaces.space_paths(ctx, space_id)
+    try:
+        fetched = sorted((p for p in checkouts.iterdir() if p.is_dir() and
+                          not p.name.startswith(".")), key=lambda p: p.stat().st_mtime)
+    except OSError:
+        return
+    card = manifest.card_fields(fetched[-1]) if fetched else {}
+    if card:
+        fields = {"manifest": json.dumps(card, ensure_ascii=False)}
+        if card.get("title"):
+            fields["title"] = card["title"]
+        if card.get("sdk"):
+            fields["sdk"] = card["sdk"]
+        ctx.store.update_space(space_id, **fields)
 
 
 # -- the update itself (run by a worker) ------------------------------------------------------

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import ManifestError
+from ..errors import ApplianceError, ManifestError
 
 SDKS = ("gradio", "streamlit", "docker", "static")
 DEFAULT_APP_FILES = {"gradio": "app.py", "streamlit": "app.py", "static": "index.html"}
@@ -177,6 +177,31 @@ def load_manifest(checkout: Path) -> Manifest:
     manifest = parse_manifest(text)
     check_app_file(checkout, manifest)
     return manifest
+
+
+def card_fields(checkout: Path) -> dict[str, str]:
+    """What a card and a page header show (title, emoji, colours, short_description, sdk) as
+    far as README.md's front matter reads, for a Space whose front matter made no Manifest
+    (no app file, a bad key): {} when there is nothing to read. Never raises."""
+    try:
+        readme = (checkout / "README.md").resolve()
+        if not readme.is_relative_to(checkout.resolve()) or not readme.is_file():
+            return {}
+        with readme.open("rb") as handle:
+            text = handle.read(_README_LIMIT).decode("utf-8-sig", errors="replace")
+        located = _locate_front_matter(text)
+        data = _load_yaml(located[0], located[2]) if located else None
+    except (ApplianceError, OSError, RuntimeError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    found = {key: value.strip()[:200] for key in ("title", "emoji", "short_description")
+             if isinstance(value := data.get(key), str) and value.strip()}
+    found.update({key: data[key] for key in ("colorFrom", "colorTo")
+                  if data.get(key) in CARD_COLORS})
+    if data.get("sdk") in SDKS:
+        found["sdk"] = data["sdk"]
+    return found
 
 
 def check_app_file(checkout: Path, manifest: Manifest) -> None:

@@ -47,6 +47,9 @@ _BAD_REV = re.compile(r"^[-/.]|[/.]$|^@$|\.\.|@\{|//|/\.|\.lock(?:/|$)|[\s~^:?*\
 MAX_SOURCE_LENGTH = 4096
 MAX_REVISION_LENGTH = 255
 MAX_SPACE_ID_LENGTH = 96 + 1 + 96
+# The source of a Space whose repository is kept on this box (pushed to, or written by the
+# Hugging Face commit endpoint): <data_dir>/hosted/OWNER/NAME.git.
+HOSTED_SCHEME = "hosted://"
 _LFS_MAGIC = b"version https://git-lfs.github.com/spec/v1"
 _HF_HOSTS = {"huggingface.co", "www.huggingface.co", "hf.co"}
 # Variables that would point git at some other repository than the one it is cloning.
@@ -105,7 +108,7 @@ _FAILURES = {  # kind: (pattern, headline naming the source, hint)
 class Source:
     """Where a Space's repository comes from, vetted and ready to hand to git."""
 
-    kind: str  # "git" or "local"
+    kind: str  # "git", "local" or "hosted" (a repository kept on this box, pushed to)
     url: str  # what git is given; may carry credentials
     display: str  # safe to show: no credentials
     default_id: str  # "owner/name" proposed for the Space
@@ -173,6 +176,8 @@ def _parse_source(text: str, config) -> Source:
         raise SourceError(
             f"Source {shown!r} starts with '-', which git would read as an option", hint=_FORMS
         )
+    if text.startswith(HOSTED_SCHEME):
+        return _hosted_source(text[len(HOSTED_SCHEME):], shown, config)
     if _HELPER.match(text):
         raise SourceError(
             f"Remote-helper sources ({text.split('::', 1)[0]}::...) are refused: {shown!r}",
@@ -301,6 +306,21 @@ def _url_source(text: str, scheme: str, shown: str, config) -> Source:
     return Source("git", text, display, _default_id(segments, host))
 
 
+def hosted_repo_path(config, space_id: str) -> Path:
+    """Where the box keeps the bare repository of a Space pushed to it (hosted://OWNER/NAME)."""
+    owner, name = validate_space_id(space_id).split("/")
+    return config.data_path / "hosted" / owner / f"{name}.git"
+
+
+def _hosted_source(space_id: str, shown: str, config) -> Source:
+    try:
+        path = hosted_repo_path(config, space_id)
+    except InvalidInput:
+        raise SourceError(f"Not a Space hosted on this box: {shown!r}",
+                          hint="hosted sources look like hosted://owner/name") from None
+    return Source("hosted", str(path), f"{HOSTED_SCHEME}{space_id}", space_id)
+
+
 def _file_url_path(text: str) -> str:
     parts = urlsplit(text)
     if parts.netloc not in ("", "localhost") or not parts.path:
@@ -425,6 +445,7 @@ class _Git:
     def __init__(self, source: Source, config, log: Callable[[str], None]):
         self.display, self.timeout, self.log = source.display, config.git_timeout, log
         self.remote = source.kind == "git"
+        self.host = source_host(source)
         self.deadline = time.monotonic() + self.timeout
         self.env = {k: v for k, v in os.environ.items() if k not in _REPO_VARS}
         self.env.update(
@@ -432,7 +453,8 @@ class _Git:
             GCM_INTERACTIVE="never",
             GIT_LFS_SKIP_SMUDGE="1",  # LFS content is pulled explicitly, after the size check
             LC_ALL="C",  # failures are recognised by git's English messages
-            GIT_ALLOW_PROTOCOL="file" if source.kind == "local" else "https:http:ssh:git",
+            GIT_ALLOW_PROTOCOL="file" if source.kind in ("local", "hosted")
+            else "https:http:ssh:git",
         )
         if "GIT_SSH" not in self.env and "GIT_SSH_COMMAND" not in self.env:
             self.env["GIT_SSH_COMMAND"] = "ssh -o BatchMode=yes"
@@ -485,14 +507,24 @@ class _Git:
                 out, err = proc.communicate(timeout=max(0.1, self.deadline - time.monotonic()))
             except BaseException as exc:
                 _kill_group(proc)
-                proc.communicate()
+                # git says "Cloning into ..." before it connects: that is not an answer.
+                said = [line for line in "".join(proc.communicate()).splitlines()
+                        if line.strip() and not line.startswith("Cloning into")]
                 if not isinstance(exc, subprocess.TimeoutExpired):
                     raise
                 if self.remote:
                     server_log.warning("git %s of %s timed out after %s s", op, self.display,
                                        self.timeout)
-                    raise _GitFailed(op, [f"timed out after {self.timeout} s"],
-                                     timed_out=True) from None
+                    # The host is the one the person typed; what it did in time is all
+                    # this says (a server that sent nothing, or a transfer too slow).
+                    raise SourceError(
+                        f"The git server at {self.host or self.display} did not answer within "
+                        f"{self.timeout} s" if not said else
+                        f"Fetching {self.display} from {self.host or 'its server'} did not "
+                        f"finish within {self.timeout} s",
+                        hint="check that the server is up and this box can reach it, then "
+                        "retry; an admin can raise APPLIANCE_GIT_TIMEOUT for a slow server",
+                    ) from None
                 raise SourceError(
                     f"git {op} of {self.display} timed out after {self.timeout} s",
                     hint="the server is slow or unreachable: raise APPLIANCE_GIT_TIMEOUT, "
@@ -583,7 +615,7 @@ def _check_out(git: _Git, source: Source, dest: Path, revision: str | None, conf
     # --no-local: make a local clone go through upload-pack, so --depth applies and the
     # source's object store is copied, not hard-linked or followed through symlinks.
     # --no-checkout everywhere: the tree's announced sizes are checked before a file is written.
-    local = ["--no-local"] * (source.kind == "local")
+    local = ["--no-local"] * (source.kind in ("local", "hosted"))
     full_clone = ("clone", "--no-checkout", *local)
     shallow = ("clone", "--depth", "1", "--no-checkout", *local)
     commitish = "HEAD"  # what is checked out: the cloned branch, or a commit (detached)
@@ -784,3 +816,117 @@ def remote_head(source: Source, revision: str | None, config) -> str:
         f"Revision {revision!r} not found in {source.display}",
         hint="give a branch or tag that exists there (or a full 40-character commit sha)",
     )
+
+
+# -- repositories hosted on the box -----------------------------------------------------------
+# A Space pushed to the box (or written by the Hugging Face commit endpoint) keeps a bare
+# repository under <data_dir>/hosted; core/hosted.py decides what may happen to it, and these
+# are the git commands it needs.
+
+
+def _hosted_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in _REPO_VARS and not k.startswith("GIT_CONFIG")}
+    env.update(GIT_TERMINAL_PROMPT="0", LC_ALL="C", GIT_ALLOW_PROTOCOL="file")
+    env.update(extra or {})
+    return env
+
+
+def hosted_git(git_dir: Path, *args: str, stdin: bytes | None = None,
+               env: dict[str, str] | None = None, timeout: float = 120) -> str:
+    """Run git on a hosted bare repository and return what it printed; SourceError (with
+    git's own words: the repository is the box's) when it fails."""
+    cmd = [_GIT, "-c", f"safe.directory={git_dir}", "--git-dir", str(git_dir), *args]
+    try:
+        done = subprocess.run(cmd, input=stdin, capture_output=True, env=_hosted_env(env),
+                              timeout=timeout, cwd="/")
+    except OSError as exc:
+        raise SourceError(f"Cannot run git: {exc.strerror or exc}",
+                          hint="install git (apt-get install git)") from None
+    except subprocess.TimeoutExpired:
+        raise SourceError(f"git {args[0]} in {git_dir.name} timed out after {timeout} s",
+                          hint="try again; an admin finds the repository under "
+                          "<data_dir>/hosted") from None
+    if done.returncode != 0:
+        said = done.stderr.decode(errors="replace").strip().splitlines()
+        raise SourceError(f"git {args[0]} failed in the repository of this box's Space "
+                          f"{git_dir.parent.name}/{git_dir.name.removesuffix('.git')}: "
+                          f"{' / '.join(said[-3:]) or 'no output'}")
+    return done.stdout.decode(errors="replace")
+
+
+def init_hosted(git_dir: Path, settings: dict[str, str]) -> None:
+    """Create an empty bare repository on branch main (no template: no sample hooks) and
+    write settings into its config."""
+    git_dir.parent.mkdir(parents=True, exist_ok=True)
+    hosted_git(git_dir, "init", "-q", "--bare", "--template=", "--initial-branch=main",
+               str(git_dir))
+    for key, value in settings.items():
+        hosted_git(git_dir, "config", key, value)
+
+
+def start_http_backend(cgi_env: dict[str, str], config_values: dict[str, str]
+                       ) -> subprocess.Popen:
+    """Start git's smart-HTTP CGI (`git http-backend`) with a request's CGI environment;
+    config_values are given as command-line configuration (over the repository's own)."""
+    env = _hosted_env(cgi_env)
+    env["GIT_CONFIG_COUNT"] = str(len(config_values))
+    for index, (key, value) in enumerate(config_values.items()):
+        env[f"GIT_CONFIG_KEY_{index}"], env[f"GIT_CONFIG_VALUE_{index}"] = key, value
+    try:
+        return subprocess.Popen([_GIT, "http-backend"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                                cwd="/", start_new_session=True)
+    except OSError as exc:
+        raise SourceError(f"Cannot run git http-backend: {exc.strerror or exc}",
+                          hint="install git (apt-get install git)") from None
+
+
+def end_process(proc: subprocess.Popen) -> None:
+    """Stop a git process and its helpers (the client went, or it ran past its limit)."""
+    _kill_group(proc)
+
+
+def check_hosted_tree(git_dir: Path, sha: str, config, display: str) -> None:
+    """Refuse a commit of a hosted repository whose files add up past max_checkout_mb."""
+    git = _Git(Source("hosted", str(git_dir), display, ""), config, _quiet)
+    git.pinned = ["-c", f"safe.directory={git_dir}"]
+    try:
+        _check_tree_size(git, str(git_dir), sha, config, display)
+    except _GitFailed as exc:
+        raise _explain(exc, display, None) from None
+
+
+# The only settings a repository made elsewhere (a bundle's) keeps: what git needs to read its
+# objects. Anything else in its .git/config (core.fsmonitor, core.sshCommand, aliases,
+# filters, hooksPath…) would be its author's command run by the box's git; hooks go too.
+_GIT_KEEP = ("core.repositoryformatversion", "core.bare", "extensions.objectformat")
+
+
+def defuse_repository(git_dir: Path) -> None:
+    """Give a repository someone else made (a bundle's) a config of our making and no hooks."""
+    config = git_dir / "config"
+    kept = []
+    if config.is_file() and not config.is_symlink():
+        listed = subprocess.run(
+            ["git", "config", "--file", str(config), "--null", "--list"], capture_output=True,
+            check=False, env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                              "GIT_CONFIG_NOSYSTEM": "1", "HOME": str(git_dir)})
+        for entry in listed.stdout.decode(errors="replace").split("\0"):
+            key, _, value = entry.partition("\n")
+            if key.lower() in _GIT_KEEP:
+                kept.append((key.lower(), value))
+    config.unlink(missing_ok=True)
+    lines = ["[core]\n", "\tfilemode = true\n"]
+    lines += [f"\t{key.split('.', 1)[1]} = {value}\n" for key, value in kept
+              if key.startswith("core.") and value.strip().isalnum()]
+    formats = [value for key, value in kept if key == "extensions.objectformat"
+               and value in ("sha1", "sha256")]
+    if formats:
+        lines += ["[extensions]\n", f"\tobjectformat = {formats[-1]}\n"]
+    config.write_text("".join(lines))
+    hooks = git_dir / "hooks"
+    if hooks.is_symlink() or hooks.is_file():
+        hooks.unlink()
+    elif hooks.is_dir():
+        shutil.rmtree(hooks)

@@ -113,12 +113,13 @@ def _public(config: Config, row: dict[str, Any]) -> dict[str, Any]:
 
 def add_space(ctx: Context, source_text: str, name: str | None = None,
               revision: str | None = None, hardware: str = "cpu",
-              from_bundle: bool = False) -> dict[str, Any]:
+              from_bundle: bool = False, check_source: bool = True) -> dict[str, Any]:
     """Record a new Space in BUILDING after checking its source answers; the build follows.
 
     from_bundle is for the bundle import alone: only its Spaces may have the appliance's copy
     of a bundled repository as their source, which is what makes a Space offline (it reads
-    the shared model cache)."""
+    the shared model cache). check_source=False records it without asking the source's
+    server (the portal and the API answer at once; the worker's fetch says what failed)."""
     source = sources.parse_source(source_text, ctx.config)
     if source.kind == "local" and not from_bundle \
             and sources.is_imported(source.url, ctx.config):
@@ -127,6 +128,11 @@ def add_space(ctx: Context, source_text: str, name: str | None = None,
             "bundle; it cannot be the source of another Space",
             hint="update that Space by importing a newer bundle, or copy the repository into "
             "a directory of APPLIANCE_LOCAL_SOURCES and add it from there")
+    if source.kind == "hosted":
+        raise SourceError(f"Source {source.display} is the repository of a Space hosted on this "
+                          "box; it cannot be the source of another Space",
+                          hint="clone it (git clone http://BOX:8080/spaces/OWNER/NAME) and push "
+                          "the clone to a new name")
     space_id = sources.validate_space_id(name or source.default_id)
     check_owner(ctx, space_id)
     revision = sources.validate_revision(revision)
@@ -135,7 +141,8 @@ def add_space(ctx: Context, source_text: str, name: str | None = None,
         raise Conflict(f"A Space named {space_id} already exists",
                        hint=f"update it with 'appliance spaces update {space_id}', or pick "
                        "another name with --name")
-    sources.remote_head(source, revision, ctx.config)  # bad URL or revision: refuse, record nothing
+    if check_source:  # bad URL or revision: refuse, record nothing
+        sources.remote_head(source, revision, ctx.config)
     for _ in range(5):
         port = allocate_port(ctx)
         try:
@@ -605,11 +612,16 @@ def _log_tail(ctx: Context, name: str) -> str:
 
 
 def _prune_images(ctx: Context, space_id: str) -> None:
+    """Remove the Space's images no kept revision needs; none while a build runs in any
+    process (its layer cache may be reading them: the hourly prune takes them later)."""
     row = ctx.store.get_space(space_id)
     keep = set(kept_images(ctx, row))
-    for image_id, tags in ctx.runtime.images_of(space_id).items():
-        if not keep.intersection(tags):
-            ctx.runtime.remove_image(image_id)
+    with ctx.runtime.images_alone() as alone:
+        if not alone:
+            return
+        for image_id, tags in ctx.runtime.images_of(space_id).items():
+            if not keep.intersection(tags):
+                ctx.runtime.remove_image(image_id)
 
 
 # -- lifecycle --------------------------------------------------------------------------------
@@ -829,6 +841,8 @@ def delete(ctx: Context, space_id: str, keep_data: bool = False) -> None:
         ctx.runtime.remove_volume(data_volume(space_id))
     for path in space_paths(ctx, space_id):
         shutil.rmtree(path, ignore_errors=True)
+    if str(row["source"]).startswith(sources.HOSTED_SCHEME):  # pushed to the box: its repository
+        shutil.rmtree(sources.hosted_repo_path(ctx.config, space_id), ignore_errors=True)
     ctx.store.delete_space_rows(space_id, ctx.actor)
 
 

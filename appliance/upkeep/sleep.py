@@ -28,7 +28,7 @@ def set_sleep_time(ctx: spaces.Context, space_id: str, seconds: int | None) -> d
     """Set how long a Space may sit idle before it sleeps (None: never)."""
     if seconds is not None and seconds < 60:
         raise InvalidInput(f"Sleep time must be at least 60 seconds, got {seconds}",
-                           hint="give seconds >= 60, or 'never'")
+                           hint="give 1m or more (30m, 2h, 3600), or never")
     ctx.store.get_space(space_id)
     ctx.store.update_space(space_id, actor=ctx.actor, event="sleep-time",
                            detail={"seconds": seconds}, sleep_after=seconds)
@@ -64,13 +64,35 @@ def wake_once(ctx: spaces.Context, spawn=jobs.spawn_job) -> SleepReport:
     report = SleepReport()
     router.ensure_router(ctx.config)
     for row in ctx.store.list_spaces():
-        if row["desired"] != SLEEPING or not row["wake_requested_at"]:
-            continue
-        if spaces.worker_alive(row):
-            continue
-        ctx.store.update_space(row["id"], actor=ctx.actor, event="wake",
+        if row["desired"] == SLEEPING and row["wake_requested_at"] \
+                and _take_wake_request(ctx, row["id"]):
+            spawn(ctx, row["id"], "start")
+            report.woken.append(row["id"])
+    return report
+
+
+def wake(ctx: spaces.Context, space_id: str, spawn=None) -> bool:
+    """Wake a sleeping Space for someone opening its page: ask for the wake as a request
+    through its url does, then start it at once rather than at the scheduler's next pass
+    (whichever of the two takes the request starts it). True when asleep or waking."""
+    row = ctx.store.get_space(space_id)
+    if row["desired"] != SLEEPING or row["stage"] not in (stages.STOPPED, stages.PAUSED):
+        return False
+    ctx.store.record_requests({}, {row["port"]})
+    if _take_wake_request(ctx, space_id):
+        (spawn or jobs.spawn_job)(ctx, space_id, "start")
+    return True
+
+
+def _take_wake_request(ctx: spaces.Context, space_id: str) -> bool:
+    """Clear the Space's wake request if it still has one and no worker owns it; True for
+    the one caller that did (the scheduler and the portal both wake Spaces)."""
+    with ctx.store.transaction():
+        row = ctx.store.find_space(space_id)
+        if row is None or row["desired"] != SLEEPING or not row["wake_requested_at"] \
+                or spaces.worker_alive(row):
+            return False
+        ctx.store.update_space(space_id, actor=ctx.actor, event="wake",
                                detail={"requested_at": row["wake_requested_at"]},
                                wake_requested_at=None)
-        spawn(ctx, row["id"], "start")
-        report.woken.append(row["id"])
-    return report
+    return True

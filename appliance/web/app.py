@@ -24,7 +24,7 @@ from ..adapters.store import Store, open_store
 from ..config import Config, load_config
 from ..core import spaces
 from ..errors import ApplianceError
-from . import api, gpus, hf, pages, proxy
+from . import api, files, githttp, gpus, hf, hf_repo, hf_write, pages, proxy
 from .base import caller, check_csrf, close_context, csrf_token, error_body, identify, wants_json
 
 
@@ -95,7 +95,8 @@ def create_app(config: Config | None = None, context_factory: Callable[..., Any]
 
     app.after_request(_add_content_security_policy)
 
-    for module in (pages, api, hf, gpus, proxy):
+    # hf_repo first: see there
+    for module in (pages, api, hf_repo, hf, hf_write, githttp, gpus, files, proxy):
         module.register(app)
     return app
 

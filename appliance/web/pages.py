@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from collections.abc import Iterator
+from functools import cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -15,6 +17,7 @@ from flask import (
     Flask,
     Response,
     flash,
+    jsonify,
     redirect,
     render_template,
     request,
@@ -24,8 +27,8 @@ from flask import (
 
 from .. import doctor, stages, users
 from ..core import actions, spaces
-from ..errors import ApplianceError, Forbidden, InvalidInput, NotFound, Unauthorized
-from ..upkeep import housekeeping
+from ..errors import ApplianceError, Conflict, Forbidden, NotFound, Unauthorized
+from ..upkeep import housekeeping, sleep
 from .base import (
     caller,
     check_manage,
@@ -88,11 +91,63 @@ def card(space: dict[str, Any]) -> dict[str, Any]:
     """A Space's view with what its card and header draw."""
     manifest = space.get("manifest") or {}
     owner, name = space["id"].split("/", 1)
-    return {**space, "owner": owner, "name": name,
-            "color_from": manifest.get("colorFrom") or "gray",
-            "color_to": manifest.get("colorTo") or "gray",
+    color_from = manifest.get("colorFrom") if manifest.get("colorFrom") in CARD_HEX else "gray"
+    color_to = manifest.get("colorTo") if manifest.get("colorTo") in CARD_HEX else "gray"
+    return {**space, "owner": owner, "name": name, "color_from": color_from,
+            "color_to": color_to, "paint": card_paint(color_from, color_to),
             "pinned": bool(manifest.get("pinned")), "tags": manifest.get("tags") or [],
             "gpu": space["hardware"] not in (None, "", "cpu"), "state": stage_class(space)}
+
+
+# -- colours: text readable on any card gradient (WCAG AA, 4.5:1) -------------------------------
+
+# Hugging Face's card colours (manifest.CARD_COLORS), as portal.css draws them.
+CARD_HEX = {"red": "#ef4444", "yellow": "#eab308", "green": "#22c55e", "blue": "#3b82f6",
+            "indigo": "#6366f1", "purple": "#a855f7", "pink": "#ec4899", "gray": "#6b7280"}
+DARK_INK, LIGHT_INK = "#111827", "#ffffff"
+HEADER_TINT = 0.18  # a page header is the card's colours at 18% on white
+AA = 4.5
+
+
+def _rgb(color: str) -> tuple[float, float, float]:
+    return tuple(int(color[i:i + 2], 16) / 255 for i in (1, 3, 5))
+
+
+def luminance(color: str) -> float:
+    """WCAG relative luminance of a #rrggbb colour."""
+    def linear(c: float) -> float:
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+    r, g, b = (linear(c) for c in _rgb(color))
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def contrast(a: str, b: str) -> float:
+    """WCAG contrast ratio of two #rrggbb colours (1 to 21)."""
+    high, low = sorted((luminance(a), luminance(b)), reverse=True)
+    return (high + 0.05) / (low + 0.05)
+
+
+def mix(color: str, other: str, weight: float) -> str:
+    """color with `weight` of other mixed in (sRGB, as CSS color-mix does)."""
+    return "#" + "".join(f"{round(255 * (a * (1 - weight) + b * weight)):02x}"
+                         for a, b in zip(_rgb(color), _rgb(other), strict=True))
+
+
+@cache
+def card_paint(color_from: str, color_to: str) -> dict[str, str]:
+    """The card's gradient stops and the text colour to draw on them: dark or white, which
+    ever contrasts more with both stops; where neither reaches 4.5:1 the stops are darkened
+    until white does. The page header's lighter stops keep the dark text."""
+    stops = [CARD_HEX[color_from], CARD_HEX[color_to]]
+    ink = max((DARK_INK, LIGHT_INK), key=lambda i: min(contrast(i, c) for c in stops))
+    shade = 0.0
+    while min(contrast(ink, c) for c in stops) < AA:
+        ink, shade = LIGHT_INK, shade + 0.05
+        stops = [mix(CARD_HEX[color_from], "#000000", shade),
+                 mix(CARD_HEX[color_to], "#000000", shade)]
+    head = [mix(CARD_HEX[c], "#ffffff", 1 - HEADER_TINT) for c in (color_from, color_to)]
+    return {"from": stops[0], "to": stops[1], "ink": ink, "head_from": head[0],
+            "head_to": head[1]}
 
 
 # -- home -------------------------------------------------------------------------------------
@@ -133,16 +188,56 @@ def app_url(space: dict[str, Any]) -> str:
 @require("read")
 def space(owner: str, name: str):
     s = _space(owner, name)
-    busy = s["stage"] in stages.BUSY and s["stage"] not in spaces.SERVING
-    serving = s["stage"] in spaces.SERVING
-    log_tail = "" if serving else _log_tail(s)
+    # Opening a sleeping Space's page wakes it, as a request through its url does.
+    woke = s["desired"] == sleep.SLEEPING and s["stage"] in (stages.STOPPED, stages.PAUSED) \
+        and sleep.wake(context(), s["id"])
+    state = state_of(s, woke)
+    log_tail = "" if state["serving"] else _log_tail(s)
     from .gpus import space_gpu_usage
 
     gpu_usage = space_gpu_usage(context(), s["id"]) if s["gpu"] else None
-    return render_template("space.html", s=s, serving=serving, busy=busy, log_tail=log_tail,
-                           app_url=app_url(s), can_manage=may_manage(s["id"]),
-                           gpu_usage=gpu_usage,
+    return render_template("space.html", s=s, serving=state["serving"], busy=state["busy"],
+                           state=state, log_tail=log_tail, app_url=app_url(s),
+                           can_manage=may_manage(s["id"]), gpu_usage=gpu_usage,
                            mini=(s["manifest"] or {}).get("header") == "mini")
+
+
+def state_of(s: dict[str, Any], woke: bool = False) -> dict[str, Any]:
+    """What the page says about where the Space is: serving, busy (building, starting or
+    waking: the page follows it), settled otherwise; an error split into what and fix."""
+    stage = s["stage"]
+    row = context().store.get_space(s["id"])
+    waking = (s["desired"] == sleep.SLEEPING and stage in (stages.STOPPED, stages.PAUSED)
+              and (woke or bool(row["wake_requested_at"] or spaces.worker_alive(row))))
+    serving = stage in spaces.SERVING
+    busy = waking or (stage in stages.BUSY and not serving)
+    what, fix, detail = error_parts(s["error"]) if stages.is_error(stage) else ("", "", "")
+    return {"stage": stage, "serving": serving, "busy": busy, "waking": waking,
+            "settled": not busy and stage not in stages.BUSY, "error": what, "fix": fix,
+            "detail": detail, "label": STAGE_LABEL.get(stage, stage.lower().replace("_", " ")),
+            "class": stage_class(s)}
+
+
+def error_parts(error: str | None) -> tuple[str, str, str]:
+    """Split a stored error ("what — fix", then detail lines) for the page."""
+    first, _, rest = (error or "").partition("\n")
+    what, _, fix = first.partition(" — ")
+    return what.strip(), web_hint(fix.strip()), rest.strip()
+
+
+@bp.get("/spaces/<owner>/<name>/stage")
+@require("read")
+def stage_view(owner: str, name: str):
+    """The Space's stage for the page's script, with the state panel drawn afresh."""
+    s = _space(owner, name)
+    state = state_of(s)
+    where = "logs" if request.args.get("where") == "logs" else "space"
+    html = render_template("_state.html", s=s, state=state, where=where,
+                           log_tail="" if where == "logs" or state["serving"] else _log_tail(s),
+                           can_manage=may_manage(s["id"]))
+    return jsonify({**{k: v for k, v in state.items()}, "id": s["id"], "html": html,
+                    "app": url_for("pages.space", owner=s["owner"], name=s["name"])},
+                   ), 200, {"Cache-Control": "no-store"}
 
 
 def _log_tail(s: dict[str, Any], lines: int = 40) -> str:
@@ -166,7 +261,7 @@ def logs(owner: str, name: str):
     if kind not in ("build", "run"):
         kind = "build"
     tail = ""  # the stream sends the tail first; this is for browsers without EventSource
-    return render_template("logs.html", s=s, kind=kind, tail=tail,
+    return render_template("logs.html", s=s, kind=kind, tail=tail, state=state_of(s),
                            can_manage=may_manage(s["id"]))
 
 
@@ -234,12 +329,38 @@ def run_log_lines(space_id: str, follow: bool = True) -> Iterator[str]:
         yield f"(log unavailable: {exc.message})"
 
 
+# -- what the web says instead of a command line ------------------------------------------------
+
+# A hint written for the CLI, as the same thing said with what to click (first match wins).
+WEB_HINTS = (
+    (re.compile(r"'appliance spaces logs [^']*'"), "the Logs tab"),
+    (re.compile(r"'appliance spaces restart [^']*--factory'"), "Factory rebuild in Settings"),
+    (re.compile(r"'appliance spaces update [^']*'"), "Update now in Settings"),
+    (re.compile(r"'appliance spaces (start|restart|stop) [^']*'"),
+     lambda m: f"the {m.group(1).capitalize()} button in Settings"),
+    (re.compile(r"'appliance spaces show [^']*'"), "the Space's page"),
+    (re.compile(r"'appliance doctor'"), "the System page"),
+    (re.compile(r"with --name\b"), "in the Name field"),
+)
+
+
+def web_hint(hint: str | None) -> str:
+    """A hint as the portal says it: what to click, not which command to type."""
+    text = hint or ""
+    for pattern, said in WEB_HINTS:
+        text = pattern.sub(said, text)
+    return text
+
+
 # -- settings and actions ---------------------------------------------------------------------
 
 
 @bp.get("/spaces/<owner>/<name>/settings")
 @require("write")
-def settings(owner: str, name: str):
+def settings(owner: str, name: str, errors: dict[str, str] | None = None,
+             typed: dict[str, dict[str, str]] | None = None):
+    """The settings page; errors (form -> message) are shown next to their form, which keeps
+    what was typed (typed: form -> its fields)."""
     s = _space(owner, name)
     check_manage(s["id"])
     ctx = context()
@@ -249,7 +370,17 @@ def settings(owner: str, name: str):
         secrets=ctx.store.kv_meta("secrets", s["id"]),
         hardware_choices=("cpu", "gpu", "gpu:2", "shared:4g", "shared:8g", "shared:16g"),
         suggested=manifest.get("suggested_hardware"), gpu_present=_gpu_present(),
-        box_resolution=config().build_resolution)
+        box_resolution=config().build_resolution, errors=errors or {}, typed=typed or {},
+        duration=actions.format_duration)
+
+
+def _settings_error(owner: str, name: str, form: str, exc: ApplianceError):
+    """The settings page again, with the refusal beside the form it came from."""
+    hint = web_hint(exc.hint)
+    typed = {form: {k: v for k, v in request.form.items()
+                    if k != "csrf_token" and not (form == "secrets" and k == "value")}}
+    return settings(owner, name, errors={form: exc.message + (f" — {hint}" if hint else "")},
+                    typed=typed), exc.status
 
 
 def _gpu_present() -> bool:
@@ -271,7 +402,15 @@ def action(owner: str, name: str, action: str):
         spaces.delete(ctx, space_id, keep_data=bool(request.form.get("keep_data")))
         flash(f"Deleted {space_id}", "ok")
         return redirect(url_for("pages.home"))
-    actions.perform(ctx, space_id, action, revision=request.form.get("revision"))
+    try:
+        actions.perform(ctx, space_id, action, revision=request.form.get("revision"))
+    except ApplianceError as exc:
+        # Said where the button was, in the portal's words.
+        hint = web_hint(exc.hint)
+        flash(f"{action.capitalize()} failed: {exc.message}" + (f" — {hint}" if hint else ""),
+              "error")
+        came = request.form.get("from")
+        return _back(space_id, came if came in ("space", "logs", "settings") else "settings")
     flash(f"{action.capitalize()}: done or under way for {space_id}", "ok")
     where = "logs" if action in ("factory", "update") else "space"
     return _back(space_id, where)
@@ -283,7 +422,10 @@ def kv_set(owner: str, name: str, kind: str):
     space_id = visible_space(f"{owner}/{name}")["id"]
     check_manage(space_id)
     key = request.form.get("key", "").strip()
-    spaces.set_value(context(), kind, space_id, key, request.form.get("value", ""))
+    try:
+        spaces.set_value(context(), kind, space_id, key, request.form.get("value", ""))
+    except ApplianceError as exc:
+        return _settings_error(owner, name, kind, exc)
     flash(f"Set {kind[:-1]} {key}; restart the Space to apply it", "ok")
     return _back(space_id)
 
@@ -305,58 +447,79 @@ def setting(owner: str, name: str, what: str):
     space_id = visible_space(f"{owner}/{name}")["id"]
     check_manage(space_id)
     ctx, form = context(), request.form
+    if what not in SETTING_FORMS:
+        raise NotFound(f"No setting named {what}")
+    try:
+        saved = _save_setting(ctx, space_id, what, form)
+    except ApplianceError as exc:
+        return _settings_error(owner, name, what, exc)
+    flash(saved, "ok")
+    return _back(space_id)
+
+
+SETTING_FORMS = ("hardware", "sleep", "update-policy", "visibility", "resolution", "relock",
+                 "health")
+
+
+def _save_setting(ctx, space_id: str, what: str, form) -> str:
+    """Apply one settings form; return what to say about it."""
     if what == "hardware":
         spaces.set_hardware(ctx, space_id, form.get("hardware", "cpu").strip())
     elif what == "sleep":
         actions.set_sleep_time(ctx, space_id, form.get("seconds", "").strip())
     elif what == "update-policy":
-        interval = form.get("interval", "").strip()
-        actions.set_update_policy(ctx, space_id, form.get("policy", "manual"),
-                                        int(interval) if interval.isdigit() else None,
-                                        form.get("revision", "").strip())
+        interval = actions.parse_duration(form.get("interval", "").strip(), "Update interval")
+        actions.set_update_policy(ctx, space_id, form.get("policy", "manual"), interval,
+                                  form.get("revision", "").strip())
     elif what == "visibility":
         actions.set_visibility(ctx, space_id, form.get("visibility", ""))
     elif what == "resolution":
         actions.set_resolution(ctx, space_id, form.get("resolution", ""))
     elif what == "relock":
         count = actions.forget_locks(ctx, space_id)
-        flash(f"Forgot {count} package lock{'' if count == 1 else 's'}: the next build "
-              "resolves the packages again (Factory rebuild builds now)", "ok")
-        return _back(space_id)
+        return (f"Forgot {count} package lock{'' if count == 1 else 's'}: the next build "
+                "resolves the packages again (Factory rebuild builds now)")
     elif what == "health":
         from ..upkeep import health
 
-        interval = form.get("interval", "").strip()
-        try:
-            seconds = float(interval) if interval else None
-        except ValueError:
-            raise InvalidInput(f"Health interval must be a number of seconds, got {interval!r}"
-                               ) from None
+        seconds = actions.parse_duration(form.get("interval", "").strip(), "Health interval")
         health.set_health(ctx, space_id, form.get("path", "").strip() or None, seconds)
-    else:
-        raise NotFound(f"No setting named {what}")
-    flash("Saved", "ok")
-    return _back(space_id)
+    return "Saved"
 
 
 # -- adding a Space ---------------------------------------------------------------------------
 
 
+NEW_FIELDS = ("source", "name", "revision", "hardware")
+
+
 @bp.route("/new", methods=["GET", "POST"])
 @require("write")
 def new_space():
+    """Add a Space: the answer comes at once (the worker fetches and builds), and a refusal
+    is shown beside the field it is about, with what was typed kept."""
+    roots = [str(root) for root in config().local_source_roots]
     if request.method == "GET":
-        return render_template("new.html", form={})
-    form = request.form
+        return render_template("new.html", form={}, errors={}, roots=roots)
+    form = {k: request.form.get(k, "").strip() for k in NEW_FIELDS}
     try:
-        s = actions.add(context(), form.get("source", "").strip(),
-                              name=form.get("name", "").strip(),
-                              revision=form.get("revision", "").strip(),
-                              hardware=form.get("hardware", "cpu").strip())
+        s = actions.add(context(), form["source"], name=form["name"],
+                        revision=form["revision"], hardware=form["hardware"] or "cpu")
     except ApplianceError as exc:
-        flash(exc.message + (f" — {exc.hint}" if exc.hint else ""), "error")
-        return render_template("new.html", form=form), exc.status
+        field = getattr(exc, "field", "source")
+        hint = web_hint(exc.hint)
+        if isinstance(getattr(exc, "cause", exc), Conflict) and field == "name":
+            hint = "open it from the Spaces page (Update now is in its Settings), or type " \
+                   "another owner/name in the Name field"
+        return render_template("new.html", form=form, roots=roots, errors={
+            field: exc.message + (f" — {hint}" if hint else "")}), exc.status
     return _back(s["id"], "logs")
+
+
+@bp.get("/favicon.ico")
+def favicon():
+    """The portal's icon, for browsers that ask for it by this name."""
+    return redirect(url_for("static", filename="favicon.svg"), code=301)
 
 
 # -- system -----------------------------------------------------------------------------------
@@ -479,7 +642,8 @@ def password_change():
     form = request.form
     try:
         users.change_password(context().store, who.user, form.get("current", ""),
-                              form.get("password", ""), who.actor)
+                              form.get("password", ""), who.actor, client_address(),
+                              config().login_attempts)
     except ApplianceError as exc:
         flash(exc.message + (f" — {exc.hint}" if exc.hint else ""), "error")
         return redirect(url_for("pages.account"))
