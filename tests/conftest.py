@@ -8,6 +8,10 @@ import random
 import shutil
 import socket
 import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -262,3 +266,72 @@ def pytest_terminal_summary(terminalreporter) -> None:
 
 
 os.environ.setdefault("APPLIANCE_CONFIG_FILE", "/nonexistent/appliance.toml")
+
+
+@contextmanager
+def portal(config, log: Path, workers: int = 1) -> Iterator[str]:
+    """Run `appliance serve` (gunicorn) on the config's data dir; yield its endpoint."""
+    import requests
+
+    from appliance.config import SETTINGS
+
+    port = free_port()
+    env = {**os.environ, **{f"APPLIANCE_{s.name.upper()}": str(config.values[s.name])
+                            for s in SETTINGS},
+           "APPLIANCE_CONFIG_FILE": "/nonexistent/appliance.toml",
+           "APPLIANCE_PORTAL_APPS_PORT": "0"}  # no Space app is opened here
+    with open(log, "ab") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "appliance.cli", "serve", "--host", "127.0.0.1",
+             "--port", str(port), "--workers", str(workers)],
+            cwd=REPO, env=env, stdout=out, stderr=out, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert server.poll() is None, f"the portal exited:\n{log.read_text()}"
+            try:
+                requests.get(f"{endpoint}/api/whoami-v2", timeout=2)
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline, f"no portal on {port}:\n{log.read_text()}"
+                time.sleep(0.1)
+        yield endpoint
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+@contextmanager
+def silent_listener(backlog: int = 16) -> Iterator[int]:
+    """A TCP port that accepts connections and never answers (a hung server); yield it."""
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(backlog)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def hold() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=hold, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        listener.close()

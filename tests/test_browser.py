@@ -13,10 +13,8 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +22,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import requests
-from conftest import REPO, free_port, make_space_repo, wait_for
+from conftest import REPO, free_port, make_space_repo, silent_listener, wait_for
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
@@ -107,7 +105,6 @@ class Portal:
             text = path.read_text(errors="replace") if path.exists() else "(none)"
             parts.append(f"--- {path} (last lines) ---\n" + "\n".join(text.splitlines()[-30:]))
         return "\n".join(parts)
-
 
 
 @pytest.fixture(scope="module")
@@ -216,28 +213,8 @@ def streamlit_space(page: Page, portal: Portal) -> str:
 @pytest.fixture(scope="module")
 def stalling_proxy():
     """A TCP listener that accepts connections and never answers: the browser's "internet"."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(64)
-    held: list[socket.socket] = []
-    stop = threading.Event()
-
-    def hold() -> None:
-        listener.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                held.append(listener.accept()[0])
-            except OSError:
-                continue
-
-    thread = threading.Thread(target=hold, daemon=True)
-    thread.start()
-    yield listener.getsockname()[1]
-    stop.set()
-    thread.join()
-    for conn in held:
-        conn.close()
-    listener.close()
+    with silent_listener(64) as port:
+        yield port
 
 
 # What went wrong in a tab (console errors, failed requests, HTTP errors), for failure messages.

@@ -11,10 +11,12 @@ import http.client
 import os
 import subprocess
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
+from conftest import commit, git, make_space_repo, start_on_free_port, wait_for
 from werkzeug.serving import make_server
 
 from appliance import stages, users
@@ -23,7 +25,6 @@ from appliance.config import load_config
 from appliance.core import hosted, jobs, sources, spaces
 from appliance.core.context import space_paths
 from appliance.web.app import create_app
-from tests.conftest import commit, git, make_space_repo, start_on_free_port, wait_for
 
 STATIC = {"README.md": "---\ntitle: Site\nsdk: static\n---\n", "index.html": "<p>one</p>\n"}
 
@@ -50,20 +51,20 @@ def serve(app):
     return start_on_free_port(start)
 
 
-@pytest.fixture(scope="module")
-def box(tmp_path_factory):
+def running_box(root: Path, port_range: str, limit_mb: int, roles: dict[str, str]
+                ) -> Iterator[Box]:
+    """A portal on a real HTTP server with a write token per user (and a read one for mia);
+    the deploy a push starts is recorded, not run (one test below runs it for real)."""
     spawned: list[tuple[str, str]] = []
     patch = pytest.MonkeyPatch()
     patch.setattr(jobs, "spawn_job", lambda ctx, space_id, job, factory=False:
                   spawned.append((space_id, job)) or 0)
-    root = tmp_path_factory.mktemp("push")
-    config = load_config({}, data_dir=str(root / "data"), port_range="18300-18399",
-                         max_checkout_mb=1, max_push_mb=1)
+    config = load_config({}, data_dir=str(root / "data"), port_range=port_range,
+                         max_checkout_mb=limit_mb, max_push_mb=limit_mb)
     app = create_app(config)
     store = open_store(config.db_path)
     tokens = {}
-    for name, role in (("ada", "admin"), ("mia", "member"), ("max", "member"),
-                       ("vic", "viewer")):
+    for name, role in roles.items():
         users.add_user(store, name, role, "correct horse battery", "test")
         tokens[name] = users.create_token(store, "push", name, "write", "test")[1]
     tokens["mia-read"] = users.create_token(store, "read", "mia", "read", "test")[1]
@@ -72,6 +73,12 @@ def box(tmp_path_factory):
     server.shutdown()
     store.close()
     patch.undo()
+
+
+@pytest.fixture(scope="module")
+def box(tmp_path_factory):
+    yield from running_box(tmp_path_factory.mktemp("push"), "18300-18399", 1,
+                           {"ada": "admin", "mia": "member", "max": "member", "vic": "viewer"})
 
 
 def run_git(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -413,7 +420,7 @@ def test_two_pushes_to_one_new_name_create_one_space(box, tmp_path):
 
 def test_a_session_cookie_cannot_post_to_git(box):
     """git never sends the portal's cookie; a POST that rides on one came from a web page."""
-    from tests.test_web import login
+    from test_web import login
 
     client = create_app(box.config).test_client()
     assert login(client, "mia", "correct horse battery").status_code == 302

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import wait_for
 
 from appliance.adapters.store import open_store
 from appliance.config import load_config
@@ -19,7 +20,6 @@ from appliance.errors import Conflict
 from appliance.gpu import claims
 from appliance.gpu.allocation import parse_hardware
 from appliance.gpu.nvml import Gpu, Inventory
-from tests.conftest import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 RESERVE = 2048

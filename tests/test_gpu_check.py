@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_allocation import box, gpu, mig
 
 from appliance.gpu.nvml import Inventory
-from tests.test_allocation import box, gpu, mig
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu-check"
 CONFIG = """\

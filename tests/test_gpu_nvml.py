@@ -11,10 +11,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import FAKE_NVML_SOURCE
+from test_gpu import A100, ORIN_MEMINFO, read, run_python
 
 from appliance.gpu import nvml
-from tests.conftest import FAKE_NVML_SOURCE
-from tests.test_gpu import A100, ORIN_MEMINFO, read, run_python
 
 PROCESSES = """
 gpu index=0 {A100} uuid=GPU-aaaa

@@ -13,14 +13,12 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 import requests
-from conftest import REPO, commit, free_port, git, make_space_repo
+from conftest import commit, git, make_space_repo, portal
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     BadRequestError,
@@ -32,7 +30,7 @@ from huggingface_hub.errors import (
 
 from appliance import stages, users
 from appliance.adapters.store import open_store
-from appliance.config import SETTINGS, Config, load_config
+from appliance.config import Config, load_config
 from appliance.core.context import Context, space_paths
 from appliance.gpu.nvml import Gpu, Inventory, MigDevice
 from appliance.web import hf_repo
@@ -45,40 +43,6 @@ WEIGHTS = b"pretend these are model weights\n" * 100
 WEIGHTS_SHA = hashlib.sha256(WEIGHTS).hexdigest()
 POINTER = (f"version https://git-lfs.github.com/spec/v1\noid sha256:{WEIGHTS_SHA}\n"
            f"size {len(WEIGHTS)}\n")
-
-
-@contextmanager
-def portal(config: Config, log: Path) -> Iterator[str]:
-    """Run `appliance serve` (gunicorn) on the config's data dir; yield its endpoint."""
-    port = free_port()
-    env = {**os.environ, **{f"APPLIANCE_{s.name.upper()}": str(config.values[s.name])
-                            for s in SETTINGS},
-           "APPLIANCE_CONFIG_FILE": "/nonexistent/appliance.toml",
-           "APPLIANCE_PORTAL_APPS_PORT": "0"}
-    with open(log, "ab") as out:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "appliance.cli", "serve", "--host", "127.0.0.1",
-             "--port", str(port), "--workers", "2"],
-            cwd=REPO, env=env, stdout=out, stderr=out, start_new_session=True)
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert server.poll() is None, f"the portal exited:\n{log.read_text()}"
-            try:
-                requests.get(f"{endpoint}/api/whoami-v2", timeout=2)
-                break
-            except requests.ConnectionError:
-                assert time.monotonic() < deadline, f"no portal on {port}:\n{log.read_text()}"
-                time.sleep(0.1)
-        yield endpoint
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
 
 def keep_checkout(config: Config, space_id: str, source: Path, sha: str) -> Path:
@@ -141,7 +105,7 @@ def box(tmp_path_factory):
                            created_by="cli:root"), "test")
     store.close()
     log = root / "portal.log"
-    with portal(config, log) as endpoint:
+    with portal(config, log, workers=2) as endpoint:
         yield endpoint, tokens, {"first": first, "second": second, "hidden": hidden}, root
     assert "Traceback" not in log.read_text()
 

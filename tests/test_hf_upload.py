@@ -11,39 +11,19 @@ import json
 
 import pytest
 import requests
+from conftest import git
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 from huggingface_hub.errors import HfHubHTTPError
+from test_git_push import STATIC, Box, run_git, running_box
 
-from appliance import stages, users
-from appliance.adapters.store import open_store
-from appliance.config import load_config
-from appliance.core import hosted, jobs, sources
-from appliance.web.app import create_app
-from tests.conftest import git
-from tests.test_git_push import STATIC, Box, run_git, serve
+from appliance import stages
+from appliance.core import hosted, sources
 
 
 @pytest.fixture(scope="module")
 def box(tmp_path_factory):
-    spawned: list[tuple[str, str]] = []
-    patch = pytest.MonkeyPatch()
-    patch.setattr(jobs, "spawn_job", lambda ctx, space_id, job, factory=False:
-                  spawned.append((space_id, job)) or 0)
-    root = tmp_path_factory.mktemp("upload")
-    config = load_config({}, data_dir=str(root / "data"), port_range="18400-18499",
-                         max_checkout_mb=30, max_push_mb=30)
-    app = create_app(config)
-    store = open_store(config.db_path)
-    tokens = {}
-    for name, role in (("ada", "admin"), ("mia", "member"), ("max", "member")):
-        users.add_user(store, name, role, "correct horse battery", "test")
-        tokens[name] = users.create_token(store, "hf", name, "write", "test")[1]
-    tokens["mia-read"] = users.create_token(store, "read", "mia", "read", "test")[1]
-    server, port = serve(app)
-    yield Box(f"http://127.0.0.1:{port}", config, store, tokens, spawned)
-    server.shutdown()
-    store.close()
-    patch.undo()
+    yield from running_box(tmp_path_factory.mktemp("upload"), "18400-18499", 30,
+                           {"ada": "admin", "mia": "member", "max": "member"})
 
 
 def hf(box: Box, who: str) -> HfApi:

@@ -141,9 +141,13 @@ def test_portal_pages_and_apis_send_the_content_security_policy(app):
 
 def test_the_policy_frames_exactly_where_the_space_page_embeds_its_app(tmp_path):
     app = make_app(tmp_path / "domain", portal_apps_domain="apps.example")
-    response = app.test_client().get("/spaces/alice/parsed", base_url="http://portal.lan:8080")
+    response = app.test_client().get("/spaces/alice/parsed", base_url="http://apps.example:8080")
     assert 'src="http://alice--parsed.apps.example:8081/"' in response.data.decode()
-    assert ("frame-src http://portal.lan:8081 http://*.apps.example:8081;"
+    assert ("frame-src http://apps.example:8081 http://*.apps.example:8081;"
+            in response.headers["Content-Security-Policy"])
+    # A host the box does not answer to is not written into the policy: its public_host is.
+    response = app.test_client().get("/spaces/alice/parsed", base_url="http://portal.lan:8080")
+    assert ("frame-src http://127.0.0.1:8081 http://*.apps.example:8081;"
             in response.headers["Content-Security-Policy"])
     app = make_app(tmp_path / "one-port", portal_apps_port=0)
     response = app.test_client().get("/spaces/alice/parsed")

@@ -139,7 +139,7 @@ from appliance.config import load_config
 config = load_config()
 image = Runtime(config).build(
     {"Containerfile": sys.argv[1].encode()}, "Containerfile", sys.argv[2],
-    {"appliance.space": "race/building", "appliance.instance": config.instance_id}, {}, {},
+    {"appliance.space": sys.argv[3], "appliance.instance": config.instance_id}, {}, {},
     False, lambda line: print(line, flush=True), 300)
 print("built", image, flush=True)
 """
@@ -148,12 +148,16 @@ print("built", image, flush=True)
 @pytest.mark.podman
 def test_a_prune_while_another_process_builds_leaves_images_for_the_next_pass(appliance_env):
     ctx, _ = appliance_env
+    # Space ids of this run only: another run's leftovers (another data dir, another instance,
+    # which this prune rightly leaves alone) carry other ids.
+    run = uuid.uuid4().hex[:8]
+    ghost_id, building_id = f"race/ghost-{run}", f"race/building-{run}"
     ghost = ctx.runtime.build(
         {"Containerfile": f"FROM localhost/appliance-python:3.11\nLABEL run={uuid.uuid4()}\n"
-         .encode()}, "Containerfile", "localhost/space-race-ghost:1",
-        {"appliance.space": "race/ghost", "appliance.instance": ctx.config.instance_id},
+         .encode()}, "Containerfile", f"localhost/space-race-ghost:{run}",
+        {"appliance.space": ghost_id, "appliance.instance": ctx.config.instance_id},
         {}, {}, False, lambda line: None, 300)
-    assert labelled("image", "race/ghost")  # an image whose Space is gone: the prune's to take
+    assert labelled("image", ghost_id)  # an image whose Space is gone: the prune's to take
     env = {**os.environ, **{f"APPLIANCE_{s.name.upper()}": str(ctx.config.values[s.name])
                             for s in SETTINGS}}
     marker = uuid.uuid4().hex  # never from the layer cache of an earlier run
@@ -162,7 +166,8 @@ def test_a_prune_while_another_process_builds_leaves_images_for_the_next_pass(ap
     containerfile = (f"FROM localhost/appliance-python:3.11\n"
                      f"RUN echo 'step runs {marker}' && sleep 20\n")
     builder = subprocess.Popen(
-        [sys.executable, "-c", BUILD, containerfile, "localhost/space-race-building:1"],
+        [sys.executable, "-c", BUILD, containerfile, f"localhost/space-race-building:{run}",
+         building_id],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(builder.stdout), daemon=True)
@@ -172,7 +177,7 @@ def test_a_prune_while_another_process_builds_leaves_images_for_the_next_pass(ap
                  "the build's step to run")
         report = housekeeping.prune_once(ctx)
         assert builder.poll() is None, lines  # the build was still running throughout
-        assert labelled("image", "race/ghost")  # still there while the build runs
+        assert labelled("image", ghost_id)  # still there while the build runs
         assert report.removed_images == [] and report.errors == []
         assert report.deferred == ["images: a build is under way; the next pass prunes them"]
     finally:
@@ -181,8 +186,8 @@ def test_a_prune_while_another_process_builds_leaves_images_for_the_next_pass(ap
     assert builder.returncode == 0 and lines[-1].startswith("built "), lines
     after = housekeeping.prune_once(ctx)
     assert after.deferred == [] and after.errors == []
-    assert ghost in after.removed_images and labelled("image", "race/ghost") == []
-    assert labelled("image", "race/building") == []  # its Space does not exist either
+    assert ghost in after.removed_images and labelled("image", ghost_id) == []
+    assert labelled("image", building_id) == []  # its Space does not exist either
 
 
 def test_a_switch_leaves_its_old_images_while_a_build_holds_the_store(tmp_path):

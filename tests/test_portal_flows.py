@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import threading
 from html.parser import HTMLParser
@@ -16,8 +15,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import make_space_repo
+from conftest import make_space_repo, silent_listener
 from markupsafe import escape
+from test_web import NoPodman
 
 from appliance import stages, users
 from appliance.adapters.store import open_store
@@ -32,18 +32,6 @@ from appliance.web.app import create_app
 
 PASSWORD = "correct horse battery"
 LIVENESS = 60  # seconds a request may take before the test calls it hung (a bound, not a timing)
-
-
-class NoPodman:
-    """The runtime seam: Podman is not used by these tests."""
-
-    def info(self):
-        from appliance.errors import RuntimeUnavailable
-
-        raise RuntimeUnavailable("Podman is not used in these tests")
-
-    def logs(self, name, tail=200):
-        return "app log line\n"
 
 
 @pytest.fixture
@@ -105,28 +93,8 @@ def spawned(monkeypatch):
 @pytest.fixture
 def silent_server():
     """A TCP server that accepts connections and never answers (a hung git server)."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    held: list[socket.socket] = []
-    stop = threading.Event()
-
-    def hold() -> None:
-        listener.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                held.append(listener.accept()[0])
-            except OSError:
-                continue
-
-    thread = threading.Thread(target=hold, daemon=True)
-    thread.start()
-    yield listener.getsockname()[1]
-    stop.set()
-    thread.join()
-    for conn in held:
-        conn.close()
-    listener.close()
+    with silent_listener(16) as port:
+        yield port
 
 
 def in_time(call):

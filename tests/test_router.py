@@ -166,6 +166,9 @@ def routed(tmp_path_factory):
     pid = router.ensure_router(config)
     for name, port in ports.items():
         router.wait_route(config, port, backends[name], timeout=10)
+    # wait_route returns at its timeout too: the routes are checked, not assumed.
+    routes = router.read_state(config).get("routes", {})
+    assert {name: routes.get(str(port), "none") for name, port in ports.items()} == backends
     yield SimpleNamespace(config=config, store=store, ports=ports, pid=pid,
                           backend=backends["app"])
     router.stop_router(config)

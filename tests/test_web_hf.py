@@ -7,19 +7,13 @@ one static Space on real Podman.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 import requests
-from conftest import REPO, free_port, make_space_repo
+from conftest import make_space_repo, portal
 from huggingface_hub import HfApi
 from huggingface_hub.errors import (
     BadRequestError,
@@ -29,47 +23,13 @@ from huggingface_hub.errors import (
 
 from appliance import stages, users
 from appliance.adapters.store import open_store
-from appliance.config import SETTINGS, Config, load_config
+from appliance.config import load_config
 from appliance.core import jobs, spaces
 from appliance.web.hf import hardware_request
 
 SECRET = "s3cr3t-value-never-shown-4711"
 PASSWORD = "correct horse battery"
 
-
-
-@contextmanager
-def portal(config: Config, log: Path) -> Iterator[str]:
-    """Run `appliance serve` (gunicorn) on the config's data dir; yield its endpoint."""
-    port = free_port()
-    env = {**os.environ, **{f"APPLIANCE_{s.name.upper()}": str(config.values[s.name])
-                            for s in SETTINGS},
-           "APPLIANCE_CONFIG_FILE": "/nonexistent/appliance.toml",
-           "APPLIANCE_PORTAL_APPS_PORT": "0"}  # no Space app is opened here
-    with open(log, "ab") as out:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "appliance.cli", "serve", "--host", "127.0.0.1",
-             "--port", str(port), "--workers", "1"],
-            cwd=REPO, env=env, stdout=out, stderr=out, start_new_session=True)
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert server.poll() is None, f"the portal exited:\n{log.read_text()}"
-            try:
-                requests.get(f"{endpoint}/api/whoami-v2", timeout=2)
-                break
-            except requests.ConnectionError:
-                assert time.monotonic() < deadline, f"no portal on {port}:\n{log.read_text()}"
-                time.sleep(0.1)
-        yield endpoint
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
 
 def space_row(space_id: str, port: int, stage: str, **extra) -> dict:

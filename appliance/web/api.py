@@ -117,7 +117,8 @@ def set_resolution(owner: str, name: str):
     if "resolution" not in data:
         raise InvalidInput("'resolution' is required: dated, latest, default or null",
                            hint='e.g. {"resolution": "dated"}')
-    value = field(data, "resolution", str, "default", max_length=NAME_LENGTH)
+    # The service names the choices whatever the type sent (its message beats field()'s).
+    value = "default" if data["resolution"] is None else data["resolution"]
     return jsonify(actions.set_resolution(context(), space_id, value))
 
 

@@ -21,7 +21,7 @@ from flask import Blueprint, Flask, Response, jsonify, request
 
 from .. import stages
 from ..adapters.store import open_store
-from ..core import actions, builds, spaces
+from ..core import actions, builds, repository, spaces
 from ..errors import ApplianceError, Conflict, InvalidInput, NotFound, Unauthorized
 from ..gpu import allocation
 from .base import (
@@ -79,20 +79,30 @@ def _tokens_only() -> None:
 # -- errors -----------------------------------------------------------------------------------
 
 
+# The X-Error-Code huggingface_hub maps to its own exceptions (RepositoryNotFoundError…).
+HUB_ERROR_CODES: tuple[tuple[type[ApplianceError], str], ...] = (
+    (SpaceNotFound, "RepoNotFound"), (repository.RevisionNotFound, "RevisionNotFound"),
+    (repository.EntryNotFound, "EntryNotFound"))
+
+
 @bp.errorhandler(ApplianceError)
 def _render_error(exc: ApplianceError):
+    """An error as the Hub answers it: the envelope, with the headers its client reads."""
     body = error_body(exc.status, exc.message, exc.hint)
     if exc.hint:
         body["errors"] = [{"message": exc.hint}]
     response = jsonify(body)
     response.status_code = exc.status
-    if isinstance(exc, SpaceNotFound):
-        # huggingface_hub raises RepositoryNotFoundError on this code (repo_exists() etc.).
-        response.headers["X-Error-Code"] = "RepoNotFound"
+    for kind, code in HUB_ERROR_CODES:
+        if isinstance(exc, kind):
+            response.headers["X-Error-Code"] = code
+    if getattr(exc, "sha", None):
+        # huggingface_hub caches "no such file at this commit" with it.
+        response.headers["X-Repo-Commit"] = exc.sha
     if isinstance(exc, Unauthorized) and bearer_token():
         # Its exact words make huggingface_hub report a bad token, not a missing repository.
         response.headers["X-Error-Message"] = "Invalid credentials in Authorization header"
-    elif exc.message.isascii() and "\n" not in exc.message and len(exc.message) < 500:
+    elif exc.message.isascii() and exc.message.isprintable() and len(exc.message) < 500:
         response.headers["X-Error-Message"] = exc.message  # shown in its "403 Forbidden: ..."
     return response
 

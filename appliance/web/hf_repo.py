@@ -18,14 +18,12 @@ from urllib.parse import quote, urlencode
 from flask import Blueprint, Flask, Response, jsonify, request
 
 from ..core import repository, spaces
-from ..core.repository import EntryNotFound, Revision, RevisionNotFound
+from ..core.repository import Revision
 from ..errors import ApplianceError, InvalidInput, NotFound, Unauthorized
 from . import hf
 from .base import (
-    bearer_token,
     context,
     csrf_exempt,
-    error_body,
     may_see,
     query_int,
     require,
@@ -73,28 +71,7 @@ bp.before_request(hf._tokens_only)
 # -- errors -----------------------------------------------------------------------------------
 
 
-ERROR_CODES = ((hf.SpaceNotFound, "RepoNotFound"), (RevisionNotFound, "RevisionNotFound"),
-               (EntryNotFound, "EntryNotFound"))
-
-
-@bp.errorhandler(ApplianceError)
-def _render_error(exc: ApplianceError):
-    body = error_body(exc.status, exc.message, exc.hint)
-    if exc.hint:
-        body["errors"] = [{"message": exc.hint}]
-    response = jsonify(body)
-    response.status_code = exc.status
-    for kind, code in ERROR_CODES:
-        if isinstance(exc, kind):
-            response.headers["X-Error-Code"] = code
-    if isinstance(exc, EntryNotFound) and exc.sha:
-        # huggingface_hub caches "no such file at this commit" with it.
-        response.headers["X-Repo-Commit"] = exc.sha
-    if isinstance(exc, Unauthorized) and bearer_token():
-        response.headers["X-Error-Message"] = "Invalid credentials in Authorization header"
-    elif exc.message.isascii() and exc.message.isprintable() and len(exc.message) < 500:
-        response.headers["X-Error-Message"] = exc.message
-    return response
+bp.register_error_handler(ApplianceError, hf._render_error)
 
 
 # -- listing Spaces ---------------------------------------------------------------------------
