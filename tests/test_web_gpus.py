@@ -101,3 +101,25 @@ def test_cpu_only_box_says_so(tmp_path):
     assert "No NVIDIA GPU here: NVML is not installed" in page
     assert "appliance_gpus_available 0" in app.test_client().get("/metrics").get_data(
         as_text=True)
+
+
+def test_gpu_page_lists_each_mig_device_with_its_profile(tmp_path):
+    from appliance.gpu.nvml import MigDevice
+
+    migs = (MigDevice(index=0, uuid="MIG-a", memory_total_mib=19968, profile="2g.20gb"),
+            MigDevice(index=1, uuid="MIG-b", memory_total_mib=19968, profile="1g.20gb"),
+            MigDevice(index=2, uuid="MIG-c", memory_total_mib=9728))
+    card = Gpu(index=0, uuid=UUID, name="NVIDIA H100 80GB HBM3", memory_total_mib=81559,
+               memory_used_mib=0, memory_free_mib=81559, utilization_gpu=None,
+               utilization_memory=None, temperature_c=40, power_w=70.0, mig_enabled=True,
+               mig_devices=migs, processes=(), jetson=False)
+    inventory = Inventory(available=True, driver_version="550.54", cuda_version="12.4",
+                          gpus=(card,))
+    config = load_config({}, data_dir=str(tmp_path / "data"))
+
+    def context(cfg, actor):
+        return Context(cfg, open_store(cfg.db_path), None, actor, read_inventory=lambda: inventory)
+
+    page = create_app(config, context_factory=context).test_client().get("/gpus").data.decode()
+    assert ("MIG 0: 2g.20gb · 19968 MiB</span>, <span class=\"mig\">MIG 1: 1g.20gb · 19968 MiB"
+            "</span>, <span class=\"mig\">MIG 2: profile unknown · 9728 MiB") in page
