@@ -6,11 +6,12 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [ "$(id -u)" -ne 0 ]; then exec sudo -E bash "$0" "$@"; fi
 bash "$REPO/scripts/setup.sh"
 
-# The install and Ansible tests: shellcheck, and an sshd per network-namespace test host.
-if ! dpkg-query -W -f='${Status}\n' openssh-server shellcheck 2>/dev/null | grep -c "install ok installed" | grep -q 2; then
-  echo "==> Installing openssh-server and shellcheck for the install and Ansible tests"
+# The install and Ansible tests: shellcheck, and an sshd per network-namespace test host; jq
+# for the "Use via API" panel's curl snippet, run as a user would.
+if ! dpkg-query -W -f='${Status}\n' openssh-server shellcheck jq 2>/dev/null | grep -c "install ok installed" | grep -q 3; then
+  echo "==> Installing openssh-server, shellcheck and jq for the install, Ansible and browser tests"
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server shellcheck >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server shellcheck jq >/dev/null
 fi
 # The browser tests drive Debian's Chromium (no browser download: there is no internet).
 if ! dpkg-query -W -f='${Status}\n' chromium fonts-noto-color-emoji 2>/dev/null | grep -c "install ok installed" | grep -q 2; then
