@@ -129,23 +129,8 @@ def whoami():
 # -- reading a Space --------------------------------------------------------------------------
 
 
-@bp.get(SPACE)
-@require("read")
-def space_info(owner: str, name: str):
-    """HfApi.space_info."""
-    return jsonify(_info(_space(owner, name)))
-
-
-@bp.get(f"{SPACE}/revision/<path:revision>")
-@require("read")
-def space_info_at(owner: str, name: str, revision: str):
-    """HfApi.space_info(revision=...): only the revision serving, or the one it follows."""
-    space = _space(owner, name)
-    if revision not in (space["revision"], space["requested_revision"] or "main"):
-        raise NotFound(f"Space {space['id']} serves {space['revision'] or 'no revision yet'}, "
-                       f"not {revision}",
-                       hint="this box keeps only the revision it serves (and the previous one)")
-    return jsonify(_info(space))
+# HfApi.space_info (with or without a revision) is answered by hf_repo.space_info_at, which
+# lists the files too.
 
 
 @bp.get(f"{SPACE}/runtime")

@@ -57,8 +57,7 @@ class NotOnThisBox(ApplianceError):
 
 
 def register(app: Flask) -> None:
-    # Registered before `hf`: its space_info_at knew only the serving revision, and of two
-    # identical rules Flask matches the first registered, so this one answers.
+    # Registered before `hf`, whose rules it must win where a path could match both.
     app.register_blueprint(bp)
     for endpoint, view in app.view_functions.items():
         if endpoint.startswith(f"{bp.name}."):
@@ -83,11 +82,7 @@ def list_spaces():
     """HfApi.list_spaces / `hf spaces ls`: the Spaces the caller may see, filtered, sorted and
     paged (Link header) as the Hub does."""
     args = request.args
-    expand = _words("expand")
-    unknown = [word for word in expand if word not in EXPANDABLE]
-    if unknown:
-        raise InvalidInput(f"Cannot expand {', '.join(map(repr, unknown))}",
-                           hint=f"expand any of: {', '.join(EXPANDABLE)}")
+    expand = _expand()
     full = args.get("full") in TRUE
     if full and expand:
         raise InvalidInput("Give expand or full, not both")
@@ -158,6 +153,16 @@ def _order() -> tuple[str | None, bool]:
     return SORTS[sort], direction == "-1"
 
 
+def _expand() -> list[str]:
+    """The properties asked for with expand=..., each one the Hub knows."""
+    expand = _words("expand")
+    unknown = [word for word in expand if word not in EXPANDABLE]
+    if unknown:
+        raise InvalidInput(f"Cannot expand {', '.join(map(repr, unknown))}",
+                           hint=f"expand any of: {', '.join(EXPANDABLE)}")
+    return expand
+
+
 def _expanded(info: dict[str, Any], expand: list[str]) -> dict[str, Any]:
     if not expand:
         return info
@@ -189,21 +194,29 @@ def _revision(owner: str, name: str, revision: str | None) -> tuple[dict[str, An
     return space, repository.resolve(context(), space, revision)
 
 
+@bp.get(SPACE, defaults={"revision": None})
 @bp.get(f"{SPACE}/revision/<path:revision>")
 @require("read")
-def space_info_at(owner: str, name: str, revision: str):
-    """HfApi.space_info(revision=...) and repo_info (snapshot_download, `hf download`): the
-    Space at a kept revision, with its files as siblings."""
+def space_info_at(owner: str, name: str, revision: str | None):
+    """HfApi.space_info, repo_info (snapshot_download, `hf download`) and `hf spaces info`:
+    the Space at a kept revision (the one it serves when none is named), with its files as
+    siblings as the Hub lists them, and only the expand=... properties when asked."""
+    expand = _expand()
+    if revision is None:
+        space = hf._space(owner, name)  # a private Space asks a visitor to log in (401)
+        info = hf._info(space)
+        info["siblings"] = _siblings_of_serving(space)
+        return jsonify(_expanded(info, expand))
     space = _space(owner, name)
     info = hf._info(space)
     try:
         rev = repository.resolve(context(), space, revision)
     except repository.CheckoutGone as exc:
         info["sha"] = exc.sha  # the revision is known, its files are not here to list
-        return jsonify(info)
+        return jsonify(_expanded(info, expand))
     info["sha"] = rev.sha
     info["siblings"] = _siblings(rev)
-    return jsonify(info)
+    return jsonify(_expanded(info, expand))
 
 
 def _siblings(rev: Revision) -> list[dict[str, Any]]:
