@@ -335,3 +335,20 @@ def silent_listener(backlog: int = 16) -> Iterator[int]:
         for conn in held:
             conn.close()
         listener.close()
+
+
+@contextmanager
+def http_server(handler) -> Iterator[int]:
+    """Serve a BaseHTTPRequestHandler class on a thread at a free localhost port; yield it."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

@@ -22,12 +22,12 @@ import json
 import os
 import subprocess
 import tarfile
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
+from conftest import http_server
 
 from appliance import users
 from appliance.adapters.store import open_store
@@ -73,13 +73,8 @@ class SpaceApp(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def space_app():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), SpaceApp)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
-    thread.join()
+    with http_server(SpaceApp) as port:
+        yield port
 
 
 class NoPodman:

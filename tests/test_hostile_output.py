@@ -5,10 +5,10 @@ apps'), and secrets in app log lines that the log stream splits."""
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
+from conftest import http_server
 from test_web import PASSWORD, logged_in
 
 from appliance import users
@@ -177,13 +177,8 @@ class SpaceApp(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def space_app():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), SpaceApp)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
-    thread.join()
+    with http_server(SpaceApp) as port:
+        yield port
 
 
 def point_space_at(app, port: int) -> None:
