@@ -7,6 +7,7 @@ that apply, local folders named after their place, and the accessibility basics.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import threading
@@ -561,3 +562,44 @@ def test_focus_is_visible_on_every_control():
     assert re.search(r":focus-visible\s*\{[^}]*outline: 3px solid", css)
     assert "outline: none" not in css.replace("main:focus { outline: none; }", "")
 
+
+
+def _wake_from_another_process(make_ctx, space_id: str, ready, go, out: str) -> None:
+    ctx = make_ctx(f"process:{os.getpid()}")
+
+    def spawn(ctx, space_id, job):
+        # As jobs.spawn_job does: a worker process, which owns the Space from then on.
+        worker = subprocess.Popen(["sleep", "60"], start_new_session=True)
+        ctx.store.update_space(space_id, worker_pid=worker.pid)
+        with open(out, "a") as log:
+            log.write(f"{job} {worker.pid}\n")
+
+    ready.wait(30)
+    go.wait(30)
+    sleep.wake(ctx, space_id, spawn=spawn)
+
+
+def test_visits_from_many_processes_at_once_start_one_wake(box, tmp_path):
+    """Portal workers and the scheduler each see the request; one of them starts the Space."""
+    import multiprocessing
+
+    put_space(box, "alice/crowd", stage=stages.STOPPED, desired=sleep.SLEEPING, container=None)
+    fork = multiprocessing.get_context("fork")
+    ready, go = fork.Barrier(7), fork.Event()
+    out = tmp_path / "spawned.txt"
+    children = [fork.Process(target=_wake_from_another_process,
+                             args=(box.config["ctx"], "alice/crowd", ready, go, str(out)))
+                for _ in range(6)]
+    for child in children:
+        child.start()
+    ready.wait(30)
+    go.set()
+    for child in children:
+        child.join(60)
+    started = [line.split() for line in out.read_text().splitlines()]
+    for _, pid in started:
+        os.kill(int(pid), 9)
+    assert [child.exitcode for child in children] == [0] * 6
+    assert [job for job, _ in started] == ["start"]
+    events = box.config["ctx"]().store.events("alice/crowd", limit=20)
+    assert [e["kind"] for e in events].count("wake") == 1

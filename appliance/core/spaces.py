@@ -645,6 +645,11 @@ def _process_alive(pid: int | None) -> bool:
         return True
 
 
+def owner_alive(row: dict[str, Any]) -> bool:
+    """Tell whether the process that owns the Space (any, this one included) is alive."""
+    return _process_alive(row["worker_pid"])
+
+
 def worker_alive(row: dict[str, Any]) -> bool:
     """Tell whether another live process (a worker) owns the Space right now."""
     pid = row["worker_pid"]

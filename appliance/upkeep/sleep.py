@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -66,7 +67,7 @@ def wake_once(ctx: spaces.Context, spawn=jobs.spawn_job) -> SleepReport:
     for row in ctx.store.list_spaces():
         if row["desired"] == SLEEPING and row["wake_requested_at"] \
                 and _take_wake_request(ctx, row["id"]):
-            spawn(ctx, row["id"], "start")
+            _spawn_start(ctx, row["id"], spawn)
             report.woken.append(row["id"])
     return report
 
@@ -80,19 +81,33 @@ def wake(ctx: spaces.Context, space_id: str, spawn=None) -> bool:
         return False
     ctx.store.record_requests({}, {row["port"]})
     if _take_wake_request(ctx, space_id):
-        (spawn or jobs.spawn_job)(ctx, space_id, "start")
+        _spawn_start(ctx, space_id, spawn or jobs.spawn_job)
     return True
 
 
 def _take_wake_request(ctx: spaces.Context, space_id: str) -> bool:
-    """Clear the Space's wake request if it still has one and no worker owns it; True for
-    the one caller that did (the scheduler and the portal both wake Spaces)."""
+    """Clear the Space's wake request if it still has one and no live process owns it, and
+    own it; True for the one caller that did (the scheduler and every portal worker wake
+    Spaces). The claim holds until the spawned worker's pid replaces it: a visitor who asks
+    again meanwhile records a request that nobody takes twice."""
     with ctx.store.transaction():
         row = ctx.store.find_space(space_id)
         if row is None or row["desired"] != SLEEPING or not row["wake_requested_at"] \
-                or spaces.worker_alive(row):
+                or spaces.owner_alive(row):
             return False
         ctx.store.update_space(space_id, actor=ctx.actor, event="wake",
                                detail={"requested_at": row["wake_requested_at"]},
-                               wake_requested_at=None)
+                               wake_requested_at=None, worker_pid=os.getpid())
     return True
+
+
+def _spawn_start(ctx: spaces.Context, space_id: str, spawn) -> None:
+    """Start the worker that wakes the Space; a spawn that fails gives the claim back."""
+    try:
+        spawn(ctx, space_id, "start")
+    except BaseException:
+        with ctx.store.transaction():
+            row = ctx.store.find_space(space_id)
+            if row and row["worker_pid"] == os.getpid():
+                ctx.store.update_space(space_id, worker_pid=None)
+        raise
