@@ -603,3 +603,20 @@ def test_visits_from_many_processes_at_once_start_one_wake(box, tmp_path):
     assert [job for job, _ in started] == ["start"]
     events = box.config["ctx"]().store.events("alice/crowd", limit=20)
     assert [e["kind"] for e in events].count("wake") == 1
+
+
+def test_update_from_a_silent_git_server_answers_in_bounded_time_and_says_why(
+        box, spawned, silent_server):
+    """Update asks the git server whether there is anything new while the request waits:
+    bounded (here by the box's git_timeout, 2 s; at most 20 s), with the reason on the page."""
+    put_space(box, "alice/stuck", source=f"http://127.0.0.1:{silent_server}/alice/stuck.git",
+              source_display=f"http://127.0.0.1:{silent_server}/alice/stuck.git")
+    client = logged_in(box, "admin")
+    token = csrf_of(client.get("/spaces/alice/stuck/settings").data)
+    answer = in_time(lambda: client.post("/spaces/alice/stuck/actions/update",
+                                         data={"csrf_token": token, "from": "settings"}))
+    assert answer.status_code == 302
+    page = client.get("/spaces/alice/stuck/settings").data.decode()
+    assert "Update failed: The git server at 127.0.0.1 did not answer within 2 s" in page
+    assert spawned == []
+    assert box.config["ctx"]().store.get_space("alice/stuck")["stage"] == stages.RUNNING
